@@ -1,0 +1,10 @@
+// Every CPU kernel family.
+#pragma once
+
+#include "ctformer/kernels/cpu/activation.hpp"
+#include "ctformer/kernels/cpu/elementwise.hpp"
+#include "ctformer/kernels/cpu/embedding.hpp"
+#include "ctformer/kernels/cpu/gemm.hpp"
+#include "ctformer/kernels/cpu/loss.hpp"
+#include "ctformer/kernels/cpu/norm.hpp"
+#include "ctformer/kernels/cpu/softmax.hpp"

@@ -1,0 +1,49 @@
+// ops::gemm and ops::gemm_batched: C = alpha * A B + beta * C, on any policy.
+#pragma once
+
+#include "ctformer/core/error.hpp"
+#include "ctformer/exec/execution_policy.hpp"
+#include "ctformer/ops/view_traits.hpp"
+
+namespace ctformer::ops {
+
+/// c = alpha * a @ b + beta * c, accumulated in fp32.
+/// a: (M, K), b: (K, N), c: (M, N). a and b may each be row-major or
+/// column-major (a transposed view, `w.transposed()`), with any leading
+/// dimension; c is row-major. Inputs are float, or bf16 (fp32 accumulation);
+/// c is float. When beta == 0, c is not read (NaN in c does not propagate).
+/// @tparam P execution policy (cpu::par_t, cuda::par_t)
+template <execution_policy P, view_of_rank<2> A, view_of_rank<2> B, view_of_rank<2> C>
+  requires writable_view<C>
+void gemm(const P& exec, const A& a, const B& b, const C& c, float alpha = 1.0f, float beta = 0.0f) {
+  require_same_extent("gemm", "a", a, 1, "b", b, 0);
+  require_same_extent("gemm", "c", c, 0, "a", a, 0);
+  require_same_extent("gemm", "c", c, 1, "b", b, 1);
+  if constexpr (requires { gemm_impl(exec, as_const(a), as_const(b), c, alpha, beta); }) {
+    gemm_impl(exec, as_const(a), as_const(b), c, alpha, beta);
+  } else {
+    static_assert(dependent_false<P, A, B>,
+                  "ctformer: gemm has no implementation for this execution policy and these number types");
+  }
+}
+
+/// Batched gemm: for every i, c[i] = alpha * a[i] @ b[i] + beta * c[i].
+/// a: (batch, M, K), b: (batch, K, N), c: (batch, M, N); the batch stride is
+/// each view's stride(0), the matrices obey the rules of gemm.
+template <execution_policy P, view_of_rank<3> A, view_of_rank<3> B, view_of_rank<3> C>
+  requires writable_view<C>
+void gemm_batched(const P& exec, const A& a, const B& b, const C& c, float alpha = 1.0f, float beta = 0.0f) {
+  require_same_extent("gemm_batched", "a", a, 0, "b", b, 0);
+  require_same_extent("gemm_batched", "c", c, 0, "a", a, 0);
+  require_same_extent("gemm_batched", "a", a, 2, "b", b, 1);
+  require_same_extent("gemm_batched", "c", c, 1, "a", a, 1);
+  require_same_extent("gemm_batched", "c", c, 2, "b", b, 2);
+  if constexpr (requires { gemm_batched_impl(exec, as_const(a), as_const(b), c, alpha, beta); }) {
+    gemm_batched_impl(exec, as_const(a), as_const(b), c, alpha, beta);
+  } else {
+    static_assert(dependent_false<P, A, B>,
+                  "ctformer: gemm_batched has no implementation for this execution policy and these number types");
+  }
+}
+
+}  // namespace ctformer::ops

@@ -1,0 +1,45 @@
+// ops::softmax_cross_entropy_*: the fused softmax + cross-entropy loss over a vocabulary.
+#pragma once
+
+#include <cstdint>
+
+#include "ctformer/core/error.hpp"
+#include "ctformer/exec/execution_policy.hpp"
+#include "ctformer/ops/view_traits.hpp"
+
+namespace ctformer::ops {
+
+/// losses[n] = logsumexp(logits[n]) - logits[n][targets[n]]; a negative target
+/// means "ignore this position" (loss 0). A target >= V throws invalid_input.
+/// logits: (N, V) float; targets: (N) int32; losses: (N) float.
+template <execution_policy P, view_of_rank<2> L, view_of_rank<1> Tgt, view_of_rank<1> Loss>
+  requires writable_view<Loss>
+void softmax_cross_entropy_forward(const P& exec, const L& logits, const Tgt& targets, const Loss& losses) {
+  static_assert(std::is_same_v<typename Tgt::value_type, std::int32_t>, "ctformer: targets are int32 token ids");
+  require_same_extent("softmax_cross_entropy_forward", "targets", targets, 0, "logits", logits, 0);
+  require_same_extent("softmax_cross_entropy_forward", "losses", losses, 0, "logits", logits, 0);
+  if constexpr (requires { softmax_cross_entropy_forward_impl(exec, as_const(logits), as_const(targets), losses); }) {
+    softmax_cross_entropy_forward_impl(exec, as_const(logits), as_const(targets), losses);
+  } else {
+    static_assert(dependent_false<P, L>, "ctformer: softmax_cross_entropy_forward has no implementation for this execution policy and these number types");
+  }
+}
+
+/// dlogits[n] = (softmax(logits[n]) - onehot(targets[n])) * grad_scale, and 0
+/// for ignored positions (the gradient of grad_scale * sum(losses)).
+/// logits, dlogits: (N, V); targets: (N). dlogits may alias logits (in place).
+template <execution_policy P, view_of_rank<2> L, view_of_rank<1> Tgt, view_of_rank<2> DL>
+  requires writable_view<DL>
+void softmax_cross_entropy_backward(const P& exec, const L& logits, const Tgt& targets, float grad_scale,
+                                    const DL& dlogits) {
+  static_assert(std::is_same_v<typename Tgt::value_type, std::int32_t>, "ctformer: targets are int32 token ids");
+  require_same_extent("softmax_cross_entropy_backward", "targets", targets, 0, "logits", logits, 0);
+  require_same_shape("softmax_cross_entropy_backward", "logits", logits, "dlogits", dlogits);
+  if constexpr (requires { softmax_cross_entropy_backward_impl(exec, as_const(logits), as_const(targets), grad_scale, dlogits); }) {
+    softmax_cross_entropy_backward_impl(exec, as_const(logits), as_const(targets), grad_scale, dlogits);
+  } else {
+    static_assert(dependent_false<P, L>, "ctformer: softmax_cross_entropy_backward has no implementation for this execution policy and these number types");
+  }
+}
+
+}  // namespace ctformer::ops

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The test suite: installs dependencies, builds and runs every CPU test in the
+# native build, the kernel tests again in the portable (no SIMD flags) build,
+# compiles the AVX-512 kernel tests (and runs them where the CPU has AVX-512),
+# compiles every CUDA source for sm_80 and sm_90 (and runs the CUDA tests
+# where a GPU is present), and builds examples/consumer against an installed
+# ctformer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install_dependencies.sh
+jobs=${CTFORMER_JOBS:-$(nproc)}
+export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/ccache}
+build=${CTFORMER_BUILD_DIR:-build}
+
+echo "== native build: every test"
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=native -DCTFORMER_ENABLE_CUDA=OFF >/dev/null
+cmake --build "$build" -j "$jobs"
+ctest --test-dir "$build" --output-on-failure -j "$jobs" -L cpu
+
+echo "== portable build: kernel tests without SIMD flags"
+cmake -S . -B "$build-portable" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=portable -DCTFORMER_ENABLE_CUDA=OFF \
+  -DCTFORMER_BUILD_BENCHMARKS=OFF -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
+portable_targets=$(cd tests/unit && ls core/test_*.cpp ops/test_*.cpp 2>/dev/null | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')
+cmake --build "$build-portable" -j "$jobs" --target $portable_targets
+ctest --test-dir "$build-portable" --output-on-failure -j "$jobs" -L 'core|ops'  -R "$(echo $portable_targets | tr ' ' '|')"
+
+echo "== AVX-512 build: kernel tests"
+cmake -S . -B "$build-avx512" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=avx512 -DCTFORMER_ENABLE_CUDA=OFF \
+  -DCTFORMER_BUILD_BENCHMARKS=OFF -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build "$build-avx512" -j "$jobs" --target $portable_targets
+if grep -q -w avx512f /proc/cpuinfo && grep -q -w avx512_bf16 /proc/cpuinfo; then
+  ctest --test-dir "$build-avx512" --output-on-failure -j "$jobs" -R "$(echo $portable_targets | tr ' ' '|')"
+else
+  echo "   this CPU has no AVX-512 (BF16): the AVX-512 tests were compiled, not run"
+fi
+
+if command -v nvcc >/dev/null; then
+  echo "== CUDA build: every .cu for sm_80 and sm_90"
+  cmake -S . -B "$build-cuda" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80;90" \
+    -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
+  cmake --build "$build-cuda" -j "$jobs"
+  if nvidia-smi -L >/dev/null 2>&1; then
+    ctest --test-dir "$build-cuda" --output-on-failure -L cuda
+  else
+    echo "   no GPU here: the CUDA tests were compiled, not run"
+  fi
+fi
+
+echo "== consumer project against an installed ctformer"
+prefix=$(mktemp -d)
+trap 'rm -rf "$prefix"' EXIT
+cmake --install "$build" --prefix "$prefix" >/dev/null
+cmake -S examples/consumer -B "$build-consumer" -DCMAKE_PREFIX_PATH="$prefix" >/dev/null
+cmake --build "$build-consumer" -j "$jobs"
+"$build-consumer/consumer"
+echo "== all tests passed"
