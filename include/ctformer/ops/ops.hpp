@@ -8,9 +8,12 @@
 #include "ctformer/kernels/cuda/cuda.cuh"
 #endif
 #include "ctformer/ops/activation.hpp"
+#include "ctformer/ops/attention.hpp"
+#include "ctformer/ops/bias.hpp"
 #include "ctformer/ops/elementwise.hpp"
 #include "ctformer/ops/embedding.hpp"
 #include "ctformer/ops/gemm.hpp"
 #include "ctformer/ops/loss.hpp"
 #include "ctformer/ops/norm.hpp"
 #include "ctformer/ops/softmax.hpp"
+#include "ctformer/ops/swiglu.hpp"

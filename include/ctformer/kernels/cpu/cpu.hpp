@@ -2,9 +2,13 @@
 #pragma once
 
 #include "ctformer/kernels/cpu/activation.hpp"
+#include "ctformer/kernels/cpu/attention.hpp"
+#include "ctformer/kernels/cpu/bias.hpp"
 #include "ctformer/kernels/cpu/elementwise.hpp"
 #include "ctformer/kernels/cpu/embedding.hpp"
 #include "ctformer/kernels/cpu/gemm.hpp"
 #include "ctformer/kernels/cpu/loss.hpp"
 #include "ctformer/kernels/cpu/norm.hpp"
+#include "ctformer/kernels/cpu/rope.hpp"
 #include "ctformer/kernels/cpu/softmax.hpp"
+#include "ctformer/kernels/cpu/swiglu.hpp"
