@@ -53,7 +53,8 @@ struct bf16 {
 static_assert(sizeof(bf16) == 2 && std::is_trivially_copyable_v<bf16>);
 
 /// IEEE 754 binary16. Conversion from float rounds to nearest, ties to even,
-/// produces subnormals below 2^-14 and Inf above 65504; NaN stays NaN.
+/// produces subnormals below 2^-14 and Inf from 65520 up; NaN stays NaN and
+/// becomes quiet in both directions.
 struct fp16 {
   std::uint16_t bits = 0;
 
@@ -94,7 +95,11 @@ struct fp16 {
     const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
     const std::uint32_t exponent = (h >> 10) & 0x1fu;
     const std::uint32_t mantissa = h & 0x3ffu;
-    if (exponent == 0x1f) return detail::bits_float(sign | 0x7f800000u | (mantissa << 13));
+    if (exponent == 0x1f) {
+      if (mantissa == 0) return detail::bits_float(sign | 0x7f800000u);  // +-Inf
+      // NaN: payload kept, made quiet (as F16C vcvtph2ps does).
+      return detail::bits_float(sign | 0x7fc00000u | (mantissa << 13));
+    }
     if (exponent == 0) {
       if (mantissa == 0) return detail::bits_float(sign);
       // Subnormal: value = mantissa * 2^-24, exact in float.

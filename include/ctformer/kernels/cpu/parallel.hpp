@@ -2,7 +2,9 @@
 // meet OpenMP.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "ctformer/core/tensor_view.hpp"
 #include "ctformer/exec/cpu.hpp"
@@ -26,6 +28,45 @@ void parallel_for(const par_t& exec, index_t n, Body&& body, index_t min_paralle
   (void)min_parallel;
 #endif
   for (index_t i = 0; i < n; ++i) body(i);
+}
+
+/// About this many floats of work per thread before a loop is worth
+/// splitting (an OpenMP fork/join costs a few microseconds).
+inline constexpr index_t parallel_grain = 1 << 15;
+
+/// The min_parallel for parallel_for over rows of `row_length` floats: rows
+/// enough for two threads' grain.
+inline index_t min_rows_for_parallel(index_t row_length) {
+  const index_t per_row = row_length > 0 ? row_length : 1;
+  const index_t rows = 2 * parallel_grain / per_row;
+  return rows > 2 ? rows : 2;
+}
+
+/// Calls body(thread, begin, end) once per thread with contiguous ranges
+/// that partition [0, n) (some may be empty); thread < thread_count.
+/// Runs on the calling thread alone (thread 0, whole range) when n is below
+/// min_parallel. Returns the number of ranges used.
+template <class Body>
+int parallel_ranges(const par_t& exec, index_t n, Body&& body, index_t min_parallel = 2) {
+  const int threads = n >= min_parallel ? exec.thread_count() : 1;
+  if (threads <= 1) {
+    body(0, index_t(0), n);
+    return 1;
+  }
+  parallel_for(exec, threads, [&](index_t t) { body(int(t), n * t / threads, n * (t + 1) / threads); }, 1);
+  return threads;
+}
+
+/// Scratch floats owned by the calling thread, one buffer per slot, that only
+/// ever grow: a kernel borrows slot s for the duration of one call (and may
+/// hand it to its worker threads), so nothing allocates in steady state.
+/// Slots: 0, 1 parameter-gradient partials; 2, 3 contiguous copies of strided
+/// parameters.
+inline float* scratch_floats(int slot, std::size_t n) {
+  thread_local std::vector<float> slots[4];
+  std::vector<float>& s = slots[slot];
+  if (s.size() < n) s.resize(n);
+  return s.data();
 }
 
 }  // namespace ctformer::cpu::detail
