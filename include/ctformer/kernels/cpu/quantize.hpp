@@ -1,0 +1,522 @@
+// CPU kernels for packed weights: row quantize / dequantize over threads, the
+// fused dequantise-and-dot GEMV used at decode (q8_0, q4_0, int8_rowwise: the
+// activation is quantized to int8 blocks once per call and the dots are integer;
+// bf16, fp32: widening FMA), and a tiled GEMM for prefill.
+//
+// Instruction sets are chosen at compile time from the target macros
+// (__AVX512VNNI__, __AVX2__, ...): the user's -march picks the path, there is
+// no cpuid dispatch. Each path has a portable fallback with the same results
+// up to float summation order.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "ctformer/core/number_types.hpp"
+#include "ctformer/kernels/cpu/parallel.hpp"
+#include "ctformer/quant/formats.hpp"
+#include "ctformer/quant/packed_matrix.hpp"
+
+namespace ctformer::cpu {
+
+namespace detail {
+
+using quant::qk;
+
+inline float fp16_to_float(fp16 h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.bits);
+#else
+  return fp16::to_float(h.bits);
+#endif
+}
+
+/// The activation vector quantized to int8 in blocks of 32 (as ggml's q8_0,
+/// but with an fp32 scale): x[i] ~ d[b] * q[i], |x[i] - d[b] q[i]| <= d[b]/2,
+/// d[b] = max|x in block b| / 127. The columns past the last whole block stay
+/// fp32 in `tail` (only int8_rowwise rows have such columns).
+struct q8_activations {
+  std::vector<float> d;
+  std::vector<std::int8_t> q;
+  std::vector<float> tail;
+  index_t blocks = 0;
+};
+
+/// Scratch kept per thread so that steady-state calls allocate nothing: the
+/// vectors only grow.
+inline q8_activations& activation_scratch() {
+  thread_local q8_activations scratch;
+  return scratch;
+}
+
+#if defined(__AVX2__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+/// Quantizes n floats into `act` (n / 32 whole blocks + an fp32 tail).
+inline void quantize_activations(const float* x, index_t n, q8_activations& act) {
+  const index_t nb = n / qk;
+  act.blocks = nb;
+  act.d.resize(std::size_t(nb));
+  act.q.resize(std::size_t(nb * qk));
+  act.tail.assign(x + nb * qk, x + n);
+  for (index_t b = 0; b < nb; ++b) {
+    const float* xb = x + b * qk;
+    std::int8_t* qb = act.q.data() + b * qk;
+#if defined(__AVX2__)
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+           v3 = _mm256_loadu_ps(xb + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    act.d[std::size_t(b)] = amax / 127.0f;
+    const __m256 id = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+    // cvtps rounds to nearest even; |x * id| <= 127 so packs never saturates.
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id)),
+            i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+    i0 = _mm256_packs_epi32(i0, i1);
+    i2 = _mm256_packs_epi32(i2, i3);
+    i0 = _mm256_packs_epi16(i0, i2);
+    // packs work within 128-bit lanes: restore element order.
+    i0 = _mm256_permutevar8x32_epi32(i0, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qb), i0);
+#else
+    float amax = 0.0f;
+    for (index_t i = 0; i < qk; ++i) amax = std::max(amax, std::fabs(xb[i]));
+    act.d[std::size_t(b)] = amax / 127.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    for (index_t i = 0; i < qk; ++i) qb[i] = std::int8_t(std::nearbyint(xb[i] * id));
+#endif
+  }
+}
+
+// ---- integer dot products of one packed row with the q8 activations ---------
+//
+// Each returns sum_b scale_b * sum_{i in b} w_q[i] * x_q[i] for the row, where
+// scale_b = d_w[b] * d_x[b] (q8_0, q4_0) or d_x[b] (int8_rowwise, whose row
+// scale is applied by the caller).
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define CTFORMER_QUANT_AVX512_VNNI 1
+// 64 signed int8 pairs -> 16 int32 sums with vpdpbusd (u8 x s8): |w| against
+// x with w's sign moved onto it, as AVX-512 has no vpsignb.
+inline __m512i dot_s8_s8_512(__m512i w, __m512i x) {
+  const __mmask64 negative = _mm512_movepi8_mask(w);
+  const __m512i xs = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(w), xs);
+}
+inline __m512i join_256(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+inline __m512 join_scales(float lo, float hi) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(lo)), _mm256_set1_ps(hi), 1);
+}
+#endif
+
+#if defined(__AVX2__)
+// 32 signed int8 pairs -> 8 int32 sums. maddubs wants u8 x s8, so |w| meets
+// x * sign(w); |w| <= 127 and |x| <= 127 keep each int16 pair sum below 32767.
+inline __m256i dot_s8_s8(__m256i w, __m256i x) {
+  const __m256i uw = _mm256_sign_epi8(w, w);
+  const __m256i sx = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), uw, sx);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1));
+#endif
+}
+// 32 q4_0 weights as signed bytes q - 8, in element order (low nibbles first).
+inline __m256i unpack_q4_0(const std::uint8_t* qs) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0f);
+  const __m128i lo = _mm_and_si128(bytes, mask);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+}
+#endif
+
+inline float dot_row(const quant::block_q8_0* w, const q8_activations& a) {
+  const index_t nb = a.blocks;
+  const std::int8_t* xq = a.q.data();
+  const float* xd = a.d.data();
+  index_t b = 0;
+  float total = 0.0f;
+#if defined(CTFORMER_QUANT_AVX512_VNNI)
+  __m512 acc = _mm512_setzero_ps();
+  for (; b + 2 <= nb; b += 2) {
+    const __m512i wv = join_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs)),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b + 1].qs)));
+    const __m512i xv = _mm512_loadu_si512(xq + b * qk);
+    const __m512 s = join_scales(fp16_to_float(w[b].d) * xd[b], fp16_to_float(w[b + 1].d) * xd[b + 1]);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_s8_s8_512(wv, xv)), s, acc);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+#if defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; b + 2 <= nb; b += 2) {
+    const __m256i p0 = dot_s8_s8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs)),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)));
+    const __m256i p1 = dot_s8_s8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b + 1].qs)),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (b + 1) * qk)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_float(w[b].d) * xd[b]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_float(w[b + 1].d) * xd[b + 1]), acc1);
+  }
+  for (; b < nb; ++b) {
+    const __m256i p = dot_s8_s8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs)),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16_to_float(w[b].d) * xd[b]), acc0);
+  }
+  total += hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; b < nb; ++b) {
+    int s = 0;
+    for (index_t i = 0; i < qk; ++i) s += int(w[b].qs[i]) * int(xq[b * qk + i]);
+    total += fp16_to_float(w[b].d) * xd[b] * float(s);
+  }
+  return total;
+}
+
+inline float dot_row(const quant::block_q4_0* w, const q8_activations& a) {
+  const index_t nb = a.blocks;
+  const std::int8_t* xq = a.q.data();
+  const float* xd = a.d.data();
+  index_t b = 0;
+  float total = 0.0f;
+#if defined(CTFORMER_QUANT_AVX512_VNNI)
+  __m512 acc = _mm512_setzero_ps();
+  for (; b + 2 <= nb; b += 2) {
+    const __m512i wv = join_256(unpack_q4_0(w[b].qs), unpack_q4_0(w[b + 1].qs));
+    const __m512i xv = _mm512_loadu_si512(xq + b * qk);
+    const __m512 s = join_scales(fp16_to_float(w[b].d) * xd[b], fp16_to_float(w[b + 1].d) * xd[b + 1]);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_s8_s8_512(wv, xv)), s, acc);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+#if defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; b + 2 <= nb; b += 2) {
+    const __m256i p0 =
+        dot_s8_s8(unpack_q4_0(w[b].qs), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)));
+    const __m256i p1 =
+        dot_s8_s8(unpack_q4_0(w[b + 1].qs), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (b + 1) * qk)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_float(w[b].d) * xd[b]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_float(w[b + 1].d) * xd[b + 1]), acc1);
+  }
+  for (; b < nb; ++b) {
+    const __m256i p = dot_s8_s8(unpack_q4_0(w[b].qs), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16_to_float(w[b].d) * xd[b]), acc0);
+  }
+  total += hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; b < nb; ++b) {
+    int s = 0;
+    for (index_t j = 0; j < qk / 2; ++j) {
+      s += (int(w[b].qs[j] & 0x0f) - 8) * int(xq[b * qk + j]);
+      s += (int(w[b].qs[j] >> 4) - 8) * int(xq[b * qk + j + qk / 2]);
+    }
+    total += fp16_to_float(w[b].d) * xd[b] * float(s);
+  }
+  return total;
+}
+
+/// int8_rowwise: sum_b d_x[b] * (w_q . x_q)_b + (w_q . x)_tail, without the row scale.
+inline float dot_row_i8(const std::int8_t* w, const q8_activations& a) {
+  const index_t nb = a.blocks;
+  const std::int8_t* xq = a.q.data();
+  const float* xd = a.d.data();
+  index_t b = 0;
+  float total = 0.0f;
+#if defined(CTFORMER_QUANT_AVX512_VNNI)
+  __m512 acc = _mm512_setzero_ps();
+  for (; b + 2 <= nb; b += 2) {
+    const __m512i wv = _mm512_loadu_si512(w + b * qk);
+    const __m512i xv = _mm512_loadu_si512(xq + b * qk);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_s8_s8_512(wv, xv)), join_scales(xd[b], xd[b + 1]), acc);
+  }
+  total = _mm512_reduce_add_ps(acc);
+#endif
+#if defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; b + 2 <= nb; b += 2) {
+    const __m256i p0 = dot_s8_s8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * qk)),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)));
+    const __m256i p1 = dot_s8_s8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (b + 1) * qk)),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (b + 1) * qk)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(xd[b]), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(xd[b + 1]), acc1);
+  }
+  for (; b < nb; ++b) {
+    const __m256i p = dot_s8_s8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * qk)),
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)));
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xd[b]), acc0);
+  }
+  total += hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; b < nb; ++b) {
+    int s = 0;
+    for (index_t i = 0; i < qk; ++i) s += int(w[b * qk + i]) * int(xq[b * qk + i]);
+    total += xd[b] * float(s);
+  }
+  const std::int8_t* wt = w + nb * qk;
+  for (std::size_t i = 0; i < a.tail.size(); ++i) total += float(wt[i]) * a.tail[i];
+  return total;
+}
+
+/// bf16 row . fp32 x, fp32 accumulation (bf16 widens to fp32 exactly).
+inline float dot_row_bf16(const bf16* w, const float* x, index_t n) {
+  index_t i = 0;
+  float total = 0.0f;
+#if defined(__AVX512F__)
+  __m512 acc512 = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
+    acc512 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)), _mm512_loadu_ps(x + i), acc512);
+  }
+  total = _mm512_reduce_add_ps(acc512);
+#endif
+#if defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    const __m256i w0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
+    const __m256i w1 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i + 8)));
+    acc0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)), _mm256_loadu_ps(x + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)), _mm256_loadu_ps(x + i + 8), acc1);
+  }
+  total += hsum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; i < n; ++i) total += float(w[i]) * x[i];
+  return total;
+}
+
+/// fp32 row . fp32 x.
+inline float dot_row_f32(const float* w, const float* x, index_t n) {
+  index_t i = 0;
+  float total = 0.0f;
+#if defined(__AVX2__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+         acc3 = _mm256_setzero_ps();
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), acc3);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), acc0);
+  total = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+#else
+#pragma omp simd reduction(+ : total)
+  for (index_t j = 0; j < n - n % 8; ++j) total += w[j] * x[j];
+  i = n - n % 8;
+#endif
+  for (; i < n; ++i) total += w[i] * x[i];
+  return total;
+}
+
+/// Splits [0, rows) into one contiguous range per thread (so each thread
+/// streams its own slice of the weights) and calls body(begin, end). Matrices
+/// under 64 KiB stay on the calling thread: waking the pool costs more.
+template <class Body>
+void for_row_ranges(const par_t& exec, index_t rows, std::size_t bytes, Body&& body) {
+  const index_t threads = bytes < (std::size_t(64) << 10) ? 1 : std::min<index_t>(exec.thread_count(), rows);
+  if (threads <= 1) {
+    body(index_t(0), rows);
+    return;
+  }
+  parallel_for(exec, threads, [&](index_t t) { body(rows * t / threads, rows * (t + 1) / threads); });
+}
+
+/// A contiguous copy of x when it is strided (kernels read x with unit stride).
+inline const float* contiguous(tensor_view<const float, 1> x, std::vector<float>& copy) {
+  if (x.stride(0) == 1) return x.data();
+  copy.resize(std::size_t(x.extent(0)));
+  for (index_t i = 0; i < x.extent(0); ++i) copy[std::size_t(i)] = x(i);
+  return copy.data();
+}
+
+inline std::vector<float>& strided_x_scratch() {
+  thread_local std::vector<float> s;
+  return s;
+}
+
+/// y[r] = (W x)[r] for r in [begin, end); xf is x (contiguous), act its q8 form.
+template <class Format>
+void gemv_rows(const quant::packed_matrix<Format>& w, const float* xf, const q8_activations& act,
+               tensor_view<float, 1> y, index_t begin, index_t end) {
+  const index_t cols = w.cols();
+  for (index_t r = begin; r < end; ++r) {
+    const std::byte* row = w.row(r);
+    float v;
+    if constexpr (std::is_same_v<Format, quant::q8_0> || std::is_same_v<Format, quant::q4_0>) {
+      v = dot_row(reinterpret_cast<const typename Format::block_type*>(row), act);
+    } else if constexpr (std::is_same_v<Format, quant::int8_rowwise>) {
+      v = quant::int8_rowwise::row_scale(row) * dot_row_i8(quant::int8_rowwise::row_quants(row), act);
+    } else if constexpr (std::is_same_v<Format, quant::bf16_weights>) {
+      v = dot_row_bf16(reinterpret_cast<const bf16*>(row), xf, cols);
+    } else if constexpr (std::is_same_v<Format, quant::fp32>) {
+      v = dot_row_f32(reinterpret_cast<const float*>(row), xf, cols);
+    } else {
+      static_assert(dependent_false<Format>, "ctformer: quantized_gemv has no CPU kernel for this weight format");
+    }
+    y(r) = v;
+  }
+}
+
+template <class Format>
+inline constexpr bool uses_q8_activations =
+    std::is_same_v<Format, quant::q8_0> || std::is_same_v<Format, quant::q4_0> ||
+    std::is_same_v<Format, quant::int8_rowwise>;
+
+// ---- GEMM micro-kernel: TT tokens x RR weight rows, fp32 FMA ----------------
+
+/// out[t][r] = x_t . w_r over k columns for TT token rows and RR weight rows:
+/// each loaded weight vector is used TT times and each x vector RR times.
+/// AVX2 4 x 3 keeps 12 accumulators + 3 weights + 1 x in the 16 ymm registers.
+template <int TT, int RR>
+inline void micro_dot(const float* const* x, const float* const* w, index_t k, float (&out)[4][3]) {
+  index_t p = 0;
+#if defined(__AVX2__)
+  __m256 acc[TT][RR];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < RR; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (; p + 8 <= k; p += 8) {
+    __m256 wv[RR];
+    for (int r = 0; r < RR; ++r) wv[r] = _mm256_loadu_ps(w[r] + p);
+    for (int t = 0; t < TT; ++t) {
+      const __m256 xv = _mm256_loadu_ps(x[t] + p);
+      for (int r = 0; r < RR; ++r) acc[t][r] = _mm256_fmadd_ps(xv, wv[r], acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < RR; ++r) out[t][r] = hsum(acc[t][r]);
+#else
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < RR; ++r) out[t][r] = 0.0f;
+#endif
+  for (; p < k; ++p)
+    for (int t = 0; t < TT; ++t)
+      for (int r = 0; r < RR; ++r) out[t][r] += x[t][p] * w[r][p];
+}
+
+template <int TT>
+inline void micro_dot_rows(int rr, const float* const* x, const float* const* w, index_t k, float (&out)[4][3]) {
+  if (rr == 3) micro_dot<TT, 3>(x, w, k, out);
+  else if (rr == 2) micro_dot<TT, 2>(x, w, k, out);
+  else micro_dot<TT, 1>(x, w, k, out);
+}
+
+/// Weight rows dequantized per tile for the GEMM (48 rows x 768 columns = 144 KiB:
+/// inside a Zen 3 / Sapphire Rapids L2 with room for the token rows).
+inline constexpr index_t gemm_row_tile = 48;
+
+inline std::vector<float>& gemm_tile_scratch() {
+  thread_local std::vector<float> s;
+  return s;
+}
+
+}  // namespace detail
+
+/// Quantizes every row of w into out (same shape), rows split over threads.
+/// w: (rows, cols) fp32, rows contiguous.
+template <class Format>
+void quantize_rows_impl(const par_t& exec, tensor_view<const float, 2> w, quant::packed_matrix<Format>& out) {
+  detail::for_row_ranges(exec, w.extent(0), out.bytes(), [&](index_t begin, index_t end) {
+    for (index_t r = begin; r < end; ++r) Format::quantize_row(&w(r, 0), out.row(r), w.extent(1));
+  });
+}
+
+/// out = the fp32 values of w. out: (rows, cols), rows contiguous.
+template <class Format>
+void dequantize_rows_impl(const par_t& exec, const quant::packed_matrix<Format>& w, tensor_view<float, 2> out) {
+  detail::for_row_ranges(exec, w.rows(), w.bytes(), [&](index_t begin, index_t end) {
+    for (index_t r = begin; r < end; ++r) Format::dequantize_row(w.row(r), &out(r, 0), w.cols());
+  });
+}
+
+/// y = W x with W still packed. For q8_0, q4_0 and int8_rowwise, x is first
+/// quantized to int8 blocks of 32 (once per call, on the calling thread) and
+/// every row is an integer dot product; bf16 and fp32 rows widen to fp32 FMA.
+/// w: (out, in), x: (in), y: (out).
+template <class Format>
+void quantized_gemv_impl(const par_t& exec, const quant::packed_matrix<Format>& w, tensor_view<const float, 1> x,
+                         tensor_view<float, 1> y) {
+  const float* xf = detail::contiguous(x, detail::strided_x_scratch());
+  detail::q8_activations& act = detail::activation_scratch();
+  if constexpr (detail::uses_q8_activations<Format>) detail::quantize_activations(xf, w.cols(), act);
+  detail::for_row_ranges(exec, w.rows(), w.bytes(), [&](index_t begin, index_t end) {
+    detail::gemv_rows(w, xf, act, y, begin, end);
+  });
+}
+
+/// y = x W^T for T tokens at once (prefill). Tiles of gemm_row_tile weight rows
+/// are dequantized to fp32 into per-thread scratch, then every token is dotted
+/// against the tile with a 4-token x 3-row FMA micro-kernel, so each weight
+/// byte is read from memory once per call rather than once per token.
+///
+/// Where a real int8 GEMM would go: for q8_0 / q4_0 / int8_rowwise, quantize
+/// the T token rows to q8 blocks once (as the GEMV does for one) and replace
+/// the fp32 micro-kernel by an integer one (vpmaddubsw on AVX2, vpdpbusd on
+/// AVX512-VNNI, AMX-INT8 tiles on Sapphire Rapids): 4x the multiply-adds per
+/// instruction and no dequantization, at the price of the activation rounding
+/// the GEMV already accepts.
+/// w: (out, in), x: (T, in) rows contiguous, y: (T, out).
+template <class Format>
+void quantized_gemm_impl(const par_t& exec, const quant::packed_matrix<Format>& w, tensor_view<const float, 2> x,
+                         tensor_view<float, 2> y) {
+  const index_t tokens = x.extent(0), out = w.rows(), in = w.cols();
+  if (tokens == 1) {
+    quantized_gemv_impl(exec, w, x[0], y[0]);
+    return;
+  }
+  const index_t tiles = (out + detail::gemm_row_tile - 1) / detail::gemm_row_tile;
+  detail::parallel_for(exec, tiles, [&](index_t tile) {
+    const index_t r0 = tile * detail::gemm_row_tile;
+    const index_t rows = std::min(detail::gemm_row_tile, out - r0);
+    const float* wt;  // this tile's weights as fp32, row-major (rows, in)
+    if constexpr (std::is_same_v<Format, quant::fp32>) {
+      wt = reinterpret_cast<const float*>(w.row(r0));
+    } else {
+      std::vector<float>& scratch = detail::gemm_tile_scratch();
+      scratch.resize(std::size_t(rows * in));
+      for (index_t r = 0; r < rows; ++r) Format::dequantize_row(w.row(r0 + r), scratch.data() + r * in, in);
+      wt = scratch.data();
+    }
+    for (index_t t0 = 0; t0 < tokens; t0 += 4) {
+      const int tt = int(std::min<index_t>(4, tokens - t0));
+      const float* xr[4];
+      for (int t = 0; t < tt; ++t) xr[t] = &x(t0 + t, 0);
+      for (index_t r = 0; r < rows; r += 3) {
+        const int rr = int(std::min<index_t>(3, rows - r));
+        const float* wr[3];
+        for (int i = 0; i < rr; ++i) wr[i] = wt + (r + i) * in;
+        float acc[4][3];
+        switch (tt) {  // tail sizes of the token loop, not a type dispatch
+          case 4: detail::micro_dot_rows<4>(rr, xr, wr, in, acc); break;
+          case 3: detail::micro_dot_rows<3>(rr, xr, wr, in, acc); break;
+          case 2: detail::micro_dot_rows<2>(rr, xr, wr, in, acc); break;
+          default: detail::micro_dot_rows<1>(rr, xr, wr, in, acc); break;
+        }
+        for (int t = 0; t < tt; ++t)
+          for (int i = 0; i < rr; ++i) y(t0 + t, r0 + r + i) = acc[t][i];
+      }
+    }
+  });
+}
+
+}  // namespace ctformer::cpu
