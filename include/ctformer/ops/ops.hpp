@@ -15,6 +15,7 @@
 #include "ctformer/ops/gemm.hpp"
 #include "ctformer/ops/loss.hpp"
 #include "ctformer/ops/norm.hpp"
+#include "ctformer/ops/optimizer.hpp"
 #include "ctformer/ops/quantize.hpp"
 #include "ctformer/ops/softmax.hpp"
 #include "ctformer/ops/swiglu.hpp"

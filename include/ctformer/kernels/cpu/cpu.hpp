@@ -9,6 +9,7 @@
 #include "ctformer/kernels/cpu/gemm.hpp"
 #include "ctformer/kernels/cpu/loss.hpp"
 #include "ctformer/kernels/cpu/norm.hpp"
+#include "ctformer/kernels/cpu/optimizer.hpp"
 #include "ctformer/kernels/cpu/quantize.hpp"
 #include "ctformer/kernels/cpu/rope.hpp"
 #include "ctformer/kernels/cpu/softmax.hpp"
