@@ -1,0 +1,190 @@
+// GEMM throughput: ctformer's CPU GEMM (fp32 and bf16 inputs) against
+// OpenBLAS cblas_sgemm in the same program, over size and thread count, plus
+// the machine's measured fp32 FMA peak so every figure has its ceiling.
+//
+// Compare within one run (the machines are shared and noisy), e.g.
+//   bench_gemm --benchmark_filter='/1024/2'    all variants at N = 1024, 2 threads
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+// Only what GEMM needs (the CPU hook before the public operation that finds
+// it), so this program builds quickly and alone.
+#include "ctformer/core/buffer.hpp"
+#include "ctformer/exec/cpu.hpp"
+#include "ctformer/kernels/cpu/gemm.hpp"
+#include "ctformer/ops/gemm.hpp"
+
+#if defined(CTFORMER_BENCH_OPENBLAS)
+#include <cblas.h>
+// Declared by OpenBLAS's cblas.h; repeated so that a cblas.h from another
+// vendor still compiles against the OpenBLAS library.
+extern "C" void openblas_set_num_threads(int threads);
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using ctformer::index_t;
+
+constexpr double min_time_s = 0.3;
+
+/// Square n x n matrices of T (values in [-1, 1)) and an fp32 result.
+template <class T>
+struct gemm_operands {
+  explicit gemm_operands(index_t n) : a(std::size_t(n * n)), b(std::size_t(n * n)), c(std::size_t(n * n)) {
+    std::uint32_t state = 12345;
+    auto next = [&] {
+      state = state * 1664525u + 1013904223u;
+      return float(state >> 8) / float(1u << 24) * 2.0f - 1.0f;
+    };
+    for (auto& x : a) x = ctformer::number_cast<T>(next());
+    for (auto& x : b) x = ctformer::number_cast<T>(next());
+    c.zero();
+  }
+  ctformer::buffer<T> a, b;
+  ctformer::buffer<float> c;
+};
+
+void set_flops(benchmark::State& state, double flops_per_iteration) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iteration / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+/// c = a b (both row-major), or c = a b^T with b stored (N, K) as a linear
+/// layer's weight is (TransposedB), on ctformer's cpu::par with state.range(1) threads.
+template <class T, bool TransposedB>
+void bm_ctformer_gemm(benchmark::State& state) {
+  const index_t n = state.range(0);
+  const auto exec = ctformer::cpu::par.with_threads(int(state.range(1)));
+  gemm_operands<T> x(n);
+  auto a = std::as_const(x.a).view(n, n);
+  auto b = std::as_const(x.b).view(n, n);
+  auto c = x.c.view(n, n);
+  auto run = [&] {
+    if constexpr (TransposedB)
+      ctformer::ops::gemm(exec, a, b.transposed(), c);
+    else
+      ctformer::ops::gemm(exec, a, b, c);
+  };
+  run();  // grows the packing scratch and faults in c before timing
+  for (auto _ : state) {
+    run();
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 2.0 * double(n) * double(n) * double(n));
+}
+
+/// Attention's score product: (B*H, T, d) x (B*H, d, T) with the key matrix
+/// transposed, B*H = 48, d = 64, T = state.range(0).
+void bm_ctformer_gemm_batched_attention(benchmark::State& state) {
+  const index_t t = state.range(0), heads = 48, d = 64;
+  const auto exec = ctformer::cpu::par.with_threads(int(state.range(1)));
+  ctformer::buffer<float> q(std::size_t(heads * t * d), 0.5f), k(std::size_t(heads * t * d), 0.25f),
+      s(std::size_t(heads * t * t), 0.0f);
+  auto qv = std::as_const(q).view(heads, t, d);
+  auto kv = std::as_const(k).view(heads, t, d).transposed();
+  auto sv = s.view(heads, t, t);
+  ctformer::ops::gemm_batched(exec, qv, kv, sv, 0.125f);
+  for (auto _ : state) {
+    ctformer::ops::gemm_batched(exec, qv, kv, sv, 0.125f);
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 2.0 * double(heads) * double(t) * double(t) * double(d));
+}
+
+#if defined(CTFORMER_BENCH_OPENBLAS)
+/// The same product through OpenBLAS's cblas_sgemm, with its own thread pool
+/// set to state.range(1) threads.
+template <bool TransposedB>
+void bm_openblas_sgemm(benchmark::State& state) {
+  const index_t n = state.range(0);
+  openblas_set_num_threads(int(state.range(1)));
+  gemm_operands<float> x(n);
+  auto run = [&] {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, TransposedB ? CblasTrans : CblasNoTrans, int(n), int(n), int(n), 1.0f,
+                x.a.data(), int(n), x.b.data(), int(n), 0.0f, x.c.data(), int(n));
+  };
+  run();
+  for (auto _ : state) {
+    run();
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 2.0 * double(n) * double(n) * double(n));
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+/// The machine limit: independent fp32 FMAs on state.range(1) threads, as many
+/// in flight as a core can overlap (12 chains hide the 4-cycle latency of two
+/// FMA pipes), so the result is the core count x FMA pipes x 8 lanes x 2 x clock.
+void bm_fp32_fma_peak(benchmark::State& state) {
+  const int threads = int(state.range(1));
+  constexpr std::int64_t steps = 1 << 20;
+  for (auto _ : state) {
+#pragma omp parallel num_threads(threads)
+    {
+      __m256 acc[12];
+      for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i));
+      const __m256 x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
+      for (std::int64_t s = 0; s < steps; ++s) {
+#pragma GCC unroll 12
+        for (int i = 0; i < 12; ++i) acc[i] = _mm256_fmadd_ps(acc[i], x, y);
+      }
+      // One result that depends on every chain keeps the loop alive without
+      // touching memory inside it.
+      for (int i = 1; i < 12; ++i) acc[0] = _mm256_add_ps(acc[0], acc[i]);
+      benchmark::DoNotOptimize(acc[0]);
+    }
+  }
+  set_flops(state, double(threads) * double(steps) * 12.0 * 8.0 * 2.0);
+}
+BENCHMARK(bm_fp32_fma_peak)->ArgsProduct({{0}, {1, 2}})->UseRealTime()->MinTime(min_time_s);
+#endif
+
+// Args: {size N (M = N = K), threads}. Real time: the work runs on other threads.
+const std::vector<std::vector<std::int64_t>> sizes_and_threads = {{256, 512, 1024, 2048}, {1, 2}};
+
+BENCHMARK(bm_ctformer_gemm<float, false>)
+    ->Name("gemm_fp32/ctformer")
+    ->ArgsProduct(sizes_and_threads)
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+#if defined(CTFORMER_BENCH_OPENBLAS)
+BENCHMARK(bm_openblas_sgemm<false>)
+    ->Name("gemm_fp32/openblas")
+    ->ArgsProduct(sizes_and_threads)
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+#endif
+BENCHMARK(bm_ctformer_gemm<ctformer::bf16, false>)
+    ->Name("gemm_bf16/ctformer")
+    ->ArgsProduct(sizes_and_threads)
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+// c = a b^T, the linear layer's product with weights stored (out, in).
+BENCHMARK(bm_ctformer_gemm<float, true>)
+    ->Name("gemm_fp32_bt/ctformer")
+    ->ArgsProduct({{512, 1024}, {1, 2}})
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+#if defined(CTFORMER_BENCH_OPENBLAS)
+BENCHMARK(bm_openblas_sgemm<true>)
+    ->Name("gemm_fp32_bt/openblas")
+    ->ArgsProduct({{512, 1024}, {1, 2}})
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+#endif
+BENCHMARK(bm_ctformer_gemm_batched_attention)
+    ->Name("gemm_batched_attention_48x_TxT_d64/ctformer")
+    ->ArgsProduct({{64, 128, 256}, {1, 2}})
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+
+}  // namespace
+
+BENCHMARK_MAIN();
