@@ -8,9 +8,12 @@
 
 #include "ctformer/exec/cuda.hpp"
 #include "ctformer/kernels/cuda/activation.cuh"
+#include "ctformer/kernels/cuda/attention.cuh"
+#include "ctformer/kernels/cuda/bias.cuh"
 #include "ctformer/kernels/cuda/elementwise.cuh"
 #include "ctformer/kernels/cuda/embedding.cuh"
 #include "ctformer/kernels/cuda/gemm.cuh"
 #include "ctformer/kernels/cuda/loss.cuh"
 #include "ctformer/kernels/cuda/norm.cuh"
 #include "ctformer/kernels/cuda/softmax.cuh"
+#include "ctformer/kernels/cuda/swiglu.cuh"
