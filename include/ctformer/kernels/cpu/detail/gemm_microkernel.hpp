@@ -144,9 +144,10 @@ struct gemm_kernel_f32_avx2 {
   using packed_type = float;
   static constexpr index_t mr = 6, nr = 16, k_group = 1;
   // kc * nr * 4 = 16 KiB of B per micro-panel in the 32 KiB L1; mc * kc * 4 =
-  // 144 KiB of A in the 512 KiB L2 (Zen 3; BLIS uses the same numbers there);
-  // kc * nc * 4 = 4 MiB of B in the shared L3. Tuned on Zen 3: see docs/performance.md.
-  static constexpr index_t mc = 144, kc = 256, nc = 4080;
+  // 240 KiB of A, half the 512 KiB L2 of Zen 3; kc * nc * 4 = 4 MiB of B in the
+  // shared L3. Measured on Zen 3 (docs/performance.md): mc from 72 to 360 and
+  // kc from 256 to 384 all land within the machine's noise of each other.
+  static constexpr index_t mc = 240, kc = 256, nc = 4080;
 
   static void run(index_t k_steps, const float* __restrict a, const float* __restrict b, float* __restrict c,
                   index_t ldc, float alpha, float beta) {
