@@ -42,10 +42,11 @@ inline float fp16_to_float(fp16 h) {
 
 /// The activation vector quantized to int8 in blocks of 32 (as ggml's q8_0,
 /// but with an fp32 scale): x[i] ~ d[b] * q[i], |x[i] - d[b] q[i]| <= d[b]/2,
-/// d[b] = max|x in block b| / 127. The columns past the last whole block stay
+/// d[b] = max|x in block b| / 127, and sum[b] the sum of block b's q. The columns past the last whole block stay
 /// fp32 in `tail` (only int8_rowwise rows have such columns).
 struct q8_activations {
   std::vector<float> d;
+  std::vector<std::int32_t> sum;  // sum of q over each block (the q4_0 offset correction)
   std::vector<std::int8_t> q;
   std::vector<float> tail;
   index_t blocks = 0;
@@ -72,6 +73,7 @@ inline void quantize_activations(const float* x, index_t n, q8_activations& act)
   const index_t nb = n / qk;
   act.blocks = nb;
   act.d.resize(std::size_t(nb));
+  act.sum.resize(std::size_t(nb));
   act.q.resize(std::size_t(nb * qk));
   act.tail.assign(x + nb * qk, x + n);
   for (index_t b = 0; b < nb; ++b) {
@@ -105,6 +107,9 @@ inline void quantize_activations(const float* x, index_t n, q8_activations& act)
     const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     for (index_t i = 0; i < qk; ++i) qb[i] = std::int8_t(std::nearbyint(xb[i] * id));
 #endif
+    std::int32_t sum = 0;
+    for (index_t i = 0; i < qk; ++i) sum += qb[i];
+    act.sum[std::size_t(b)] = sum;
   }
 }
 
@@ -141,13 +146,24 @@ inline __m256i dot_s8_s8(__m256i w, __m256i x) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1));
 #endif
 }
-// 32 q4_0 weights as signed bytes q - 8, in element order (low nibbles first).
+// 32 q4_0 quants q in [0, 15] as unsigned bytes, in element order (low nibbles first).
 inline __m256i unpack_q4_0(const std::uint8_t* qs) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i mask = _mm_set1_epi8(0x0f);
   const __m128i lo = _mm_and_si128(bytes, mask);
   const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+  return _mm256_set_m128i(hi, lo);
+}
+// sum (q - 8) x over a q4_0 block as 8 int32 lanes: q is already unsigned, so
+// maddubs / vpdpbusd take it as is (pair sums <= 2 * 15 * 127, no saturation),
+// and subtracting sum(x) from each of the 8 lanes removes 8 * sum(x) in total.
+inline __m256i dot_q4_x8(__m256i q, __m256i x, std::int32_t xsum) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
+#else
+  const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+#endif
+  return _mm256_sub_epi32(p, _mm256_set1_epi32(xsum));
 }
 #endif
 
@@ -197,15 +213,19 @@ inline float dot_row(const quant::block_q4_0* w, const q8_activations& a) {
   const index_t nb = a.blocks;
   const std::int8_t* xq = a.q.data();
   const float* xd = a.d.data();
+  const std::int32_t* xs = a.sum.data();
+  (void)xs;
   index_t b = 0;
   float total = 0.0f;
 #if defined(CTFORMER_QUANT_AVX512_VNNI)
   __m512 acc = _mm512_setzero_ps();
   for (; b + 2 <= nb; b += 2) {
-    const __m512i wv = join_256(unpack_q4_0(w[b].qs), unpack_q4_0(w[b + 1].qs));
+    const __m512i qv = join_256(unpack_q4_0(w[b].qs), unpack_q4_0(w[b + 1].qs));
     const __m512i xv = _mm512_loadu_si512(xq + b * qk);
+    const __m512i offset = join_256(_mm256_set1_epi32(xs[b]), _mm256_set1_epi32(xs[b + 1]));
+    const __m512i p = _mm512_sub_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), qv, xv), offset);
     const __m512 s = join_scales(fp16_to_float(w[b].d) * xd[b], fp16_to_float(w[b + 1].d) * xd[b + 1]);
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot_s8_s8_512(wv, xv)), s, acc);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc);
   }
   total = _mm512_reduce_add_ps(acc);
 #endif
@@ -213,14 +233,15 @@ inline float dot_row(const quant::block_q4_0* w, const q8_activations& a) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; b + 2 <= nb; b += 2) {
     const __m256i p0 =
-        dot_s8_s8(unpack_q4_0(w[b].qs), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)));
-    const __m256i p1 =
-        dot_s8_s8(unpack_q4_0(w[b + 1].qs), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (b + 1) * qk)));
+        dot_q4_x8(unpack_q4_0(w[b].qs), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)), xs[b]);
+    const __m256i p1 = dot_q4_x8(unpack_q4_0(w[b + 1].qs),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (b + 1) * qk)), xs[b + 1]);
     acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_set1_ps(fp16_to_float(w[b].d) * xd[b]), acc0);
     acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_set1_ps(fp16_to_float(w[b + 1].d) * xd[b + 1]), acc1);
   }
   for (; b < nb; ++b) {
-    const __m256i p = dot_s8_s8(unpack_q4_0(w[b].qs), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)));
+    const __m256i p =
+        dot_q4_x8(unpack_q4_0(w[b].qs), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk)), xs[b]);
     acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(fp16_to_float(w[b].d) * xd[b]), acc0);
   }
   total += hsum(_mm256_add_ps(acc0, acc1));
@@ -520,3 +541,5 @@ void quantized_gemm_impl(const par_t& exec, const quant::packed_matrix<Format>& 
 }
 
 }  // namespace ctformer::cpu
+
+#undef CTFORMER_QUANT_AVX512_VNNI

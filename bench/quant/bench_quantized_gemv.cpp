@@ -1,0 +1,153 @@
+// GEMV y = W x with packed weights (the decode step of linear<Format>): fp32,
+// bf16, q8_0, q4_0 and int8_rowwise at 768x768, 2048x768 and 32000x768, on 1
+// and 2 threads, reported as GB/s of weight bytes read next to this machine's
+// STREAM-style triad bandwidth measured in the same run; and the prefill
+// GEMM (T = 128 tokens) in GFLOP/s.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "ctformer/ctformer.hpp"
+#include "ctformer/quant/quant.hpp"
+
+using namespace ctformer;
+
+namespace {
+
+constexpr index_t cols = 768;
+
+/// Triad a[i] = b[i] + s c[i] over 3 x 256 MiB (well past the 32 MiB L3), best
+/// of 5, counting 3 x 4 bytes per element as STREAM does.
+double triad_gb_per_s(int threads) {
+  const std::size_t n = std::size_t(64) << 20;
+  buffer<float> a(n), b(n), c(n);
+  const auto exec = cpu::par.with_threads(threads);
+  auto run = [&] {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
+  };
+  // First touch on the same threads as the timed loop.
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::size_t i = 0; i < n; ++i) a[i] = b[i] = c[i] = 1.0f;
+  (void)exec;
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    run();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 3.0 * 4.0 * double(n) / s / 1e9);
+  }
+  benchmark::DoNotOptimize(a.data());
+  return best;
+}
+
+double bandwidth[3] = {0, 0, 0};  // [threads]
+
+template <class Format>
+const quant::packed_matrix<Format>& weights(index_t rows) {
+  static std::map<index_t, std::unique_ptr<quant::packed_matrix<Format>>> cache;
+  auto& slot = cache[rows];
+  if (!slot) {
+    std::vector<float> w(std::size_t(rows * cols));
+    std::mt19937 rng{static_cast<unsigned>(rows)};
+    std::normal_distribution<float> dist(0.0f, 0.02f);
+    for (float& v : w) v = dist(rng);
+    slot = std::make_unique<quant::packed_matrix<Format>>(tensor_view<const float, 2>(w.data(), {rows, cols}));
+  }
+  return *slot;
+}
+
+void set_counters(benchmark::State& state, std::size_t bytes, int threads) {
+  state.counters["GB/s"] = benchmark::Counter(double(bytes) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["weight_MB"] = double(bytes) / 1e6;
+  state.counters["triad_GB/s"] = bandwidth[threads];
+}
+
+template <class Format>
+void bm_gemv(benchmark::State& state) {
+  const index_t rows = state.range(0);
+  const int threads = int(state.range(1));
+  const auto& w = weights<Format>(rows);
+  std::vector<float> x(static_cast<std::size_t>(cols), 0.5f), y(static_cast<std::size_t>(rows));
+  const auto exec = cpu::par.with_threads(threads);
+  for (auto _ : state) {
+    ops::quantized_gemv(exec, w, tensor_view<const float, 1>(x.data(), {cols}), tensor_view<float, 1>(y.data(), {rows}));
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, w.bytes(), threads);
+}
+
+/// The fp32 baseline through the general GEMM with N = 1: (rows, 768) x (768, 1).
+void bm_gemv_ops_gemm(benchmark::State& state) {
+  const index_t rows = state.range(0);
+  const int threads = int(state.range(1));
+  const auto& w = weights<quant::fp32>(rows);
+  std::vector<float> x(static_cast<std::size_t>(cols), 0.5f), y(static_cast<std::size_t>(rows));
+  const auto exec = cpu::par.with_threads(threads);
+  const tensor_view<const float, 2> a(reinterpret_cast<const float*>(w.data()), {rows, cols});
+  for (auto _ : state) {
+    ops::gemm(exec, a, tensor_view<const float, 2>(x.data(), {cols, 1}), tensor_view<float, 2>(y.data(), {rows, 1}));
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, w.bytes(), threads);
+}
+
+/// The prefill path for comparison: y = x W^T for T tokens (dequantized tiles
+/// and an fp32 FMA micro-kernel), in GFLOP/s.
+template <class Format>
+void bm_gemm(benchmark::State& state) {
+  const index_t rows = state.range(0), tokens = state.range(1);
+  const int threads = int(state.range(2));
+  const auto& w = weights<Format>(rows);
+  std::vector<float> x(static_cast<std::size_t>(tokens * cols), 0.5f), y(static_cast<std::size_t>(tokens * rows));
+  const auto exec = cpu::par.with_threads(threads);
+  for (auto _ : state) {
+    ops::quantized_gemm(exec, w, tensor_view<const float, 2>(x.data(), {tokens, cols}),
+                        tensor_view<float, 2>(y.data(), {tokens, rows}));
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * double(rows * tokens * cols) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void gemm_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"rows", "tokens", "threads"})->ArgsProduct({{2048}, {128}, {1, 2}})->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+void shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"rows", "threads"})->ArgsProduct({{768, 2048, 32000}, {1, 2}})->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+
+BENCHMARK(bm_gemv<quant::fp32>)->Apply(shapes);
+BENCHMARK(bm_gemv_ops_gemm)->Apply(shapes);
+BENCHMARK(bm_gemv<quant::bf16_weights>)->Apply(shapes);
+BENCHMARK(bm_gemv<quant::q8_0>)->Apply(shapes);
+BENCHMARK(bm_gemv<quant::q4_0>)->Apply(shapes);
+BENCHMARK(bm_gemv<quant::int8_rowwise>)->Apply(shapes);
+BENCHMARK(bm_gemm<quant::fp32>)->Apply(gemm_shapes);
+BENCHMARK(bm_gemm<quant::q8_0>)->Apply(gemm_shapes);
+BENCHMARK(bm_gemm<quant::q4_0>)->Apply(gemm_shapes);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  bandwidth[1] = triad_gb_per_s(1);
+  bandwidth[2] = triad_gb_per_s(2);
+  std::printf("memory bandwidth (triad, 3 x 256 MiB, best of 5): %.1f GB/s 1 thread, %.1f GB/s 2 threads\n",
+              bandwidth[1], bandwidth[2]);
+  benchmark::AddCustomContext("triad_GB/s_1_thread", std::to_string(bandwidth[1]));
+  benchmark::AddCustomContext("triad_GB/s_2_threads", std::to_string(bandwidth[2]));
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+}
