@@ -9,6 +9,7 @@
 #include <span>
 
 #include "ctformer/core/parameter_range.hpp"
+#include "ctformer/kernels/cpu/detail/vector_math.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::cpu {
@@ -51,35 +52,51 @@ void for_optimizer_chunks(const par_t& exec, index_t n, Body&& body) {
 
 }  // namespace detail
 
+namespace detail::optim {
+// Square root per lane: IEEE-exact in every width, so vector body and tail agree.
+inline f32x1 vsqrt(f32x1 a) { return {std::sqrt(a.v)}; }
+#if defined(CTFORMER_CPU_AVX2)
+inline f32x8 vsqrt(f32x8 a) { return {_mm256_sqrt_ps(a.v)}; }
+#endif
+#if defined(CTFORMER_CPU_AVX512)
+inline f32x16 vsqrt(f32x16 a) { return {_mm512_sqrt_ps(a.v)}; }
+#endif
+}  // namespace detail::optim
+
 // params, grads, m, v: (P), contiguous (ops/ checks).
 inline void adamw_update_impl(const par_t& exec, tensor_view<float, 1> params, tensor_view<const float, 1> grads,
                               tensor_view<float, 1> m, tensor_view<float, 1> v,
                               std::span<const parameter_range> ranges, const adamw_coefficients& c) {
+  using V = detail::vf;
   // Bias corrections in double, once per step, as PyTorch computes them on the host.
   const double bias1 = 1.0 - std::pow(double(c.beta1), double(c.step));
   const double bias2 = 1.0 - std::pow(double(c.beta2), double(c.step));
-  const float step_size = float(double(c.lr) / bias1);
-  const float sqrt_bias2 = float(std::sqrt(bias2));
-  const float b2 = c.beta2, one_minus_b1 = 1.0f - c.beta1, one_minus_b2 = 1.0f - c.beta2;
-  const float eps = c.eps, gs = c.grad_scale;
+  const V step_size = V::splat(float(double(c.lr) / bias1));
+  const V sqrt_bias2 = V::splat(float(std::sqrt(bias2)));
+  const V b2 = V::splat(c.beta2), one_minus_b1 = V::splat(1.0f - c.beta1), one_minus_b2 = V::splat(1.0f - c.beta2);
+  const V eps = V::splat(c.eps), gs = V::splat(c.grad_scale);
   const float decay_keep = 1.0f - c.lr * c.weight_decay;
   float* p = params.data();
   const float* g = grads.data();
   float* pm = m.data();
   float* pv = v.data();
+  // Every element, the tail included, goes through the same vector arithmetic
+  // (separate multiplies and adds, no FMA), so the result does not depend on
+  // where chunks or ranges cut the buffer.
   auto segment = [&](index_t lo, index_t hi, bool decay) {
-    const float keep = (decay || c.decay_all) ? decay_keep : 1.0f;
-#pragma omp simd
-    for (index_t i = lo; i < hi; ++i) {
-      const float gi = g[i] * gs;
-      // m as torch's lerp (m + (1-b1)(g-m)), v as its addcmul: same rounding as the reference.
-      const float mi = pm[i] + one_minus_b1 * (gi - pm[i]);
-      const float vi = b2 * pv[i] + one_minus_b2 * (gi * gi);
-      pm[i] = mi;
-      pv[i] = vi;
-      const float denom = std::sqrt(vi) / sqrt_bias2 + eps;
-      p[i] = p[i] * keep - step_size * (mi / denom);
-    }
+    const V keep = V::splat((decay || c.decay_all) ? decay_keep : 1.0f);
+    detail::for_vectors(hi - lo, [&](index_t j, int count, int) {
+      const index_t i = lo + j;
+      const V gi = detail::load_n<V>(g + i, count) * gs;
+      const V mo = detail::load_n<V>(pm + i, count), vo = detail::load_n<V>(pv + i, count);
+      // m as torch's lerp (m + (1-b1)(g-m)), v as its addcmul: the reference's rounding.
+      const V mi = mo + one_minus_b1 * (gi - mo);
+      const V vi = b2 * vo + one_minus_b2 * (gi * gi);
+      detail::store_n(pm + i, mi, count);
+      detail::store_n(pv + i, vi, count);
+      const V denom = detail::optim::vsqrt(vi) / sqrt_bias2 + eps;
+      detail::store_n(p + i, detail::load_n<V>(p + i, count) * keep - step_size * (mi / denom), count);
+    });
   };
   detail::for_optimizer_chunks(exec, params.extent(0), [&](index_t begin, index_t end) {
     if (c.decay_all || c.weight_decay == 0.0f)
@@ -93,22 +110,23 @@ inline void adamw_update_impl(const par_t& exec, tensor_view<float, 1> params, t
 inline void sgd_update_impl(const par_t& exec, tensor_view<float, 1> params, tensor_view<const float, 1> grads,
                             tensor_view<float, 1> momentum, std::span<const parameter_range> ranges,
                             const sgd_coefficients& c) {
-  const float mu = c.momentum, lr = c.lr, gs = c.grad_scale;
-  const float nesterov = c.nesterov ? 1.0f : 0.0f;
+  using V = detail::vf;
+  const V mu = V::splat(c.momentum), lr = V::splat(c.lr), gs = V::splat(c.grad_scale);
   float* p = params.data();
   const float* g = grads.data();
   float* buf = momentum.data();
   auto segment = [&](index_t lo, index_t hi, bool decay) {
-    const float wd = (decay || c.decay_all) ? c.weight_decay : 0.0f;
-#pragma omp simd
-    for (index_t i = lo; i < hi; ++i) {
-      const float gi = g[i] * gs + wd * p[i];
-      const float bi = mu * buf[i] + gi;
-      buf[i] = bi;
+    const V wd = V::splat((decay || c.decay_all) ? c.weight_decay : 0.0f);
+    detail::for_vectors(hi - lo, [&](index_t j, int count, int) {
+      const index_t i = lo + j;
+      const V pi = detail::load_n<V>(p + i, count);
+      const V gi = detail::load_n<V>(g + i, count) * gs + wd * pi;
+      const V bi = mu * detail::load_n<V>(buf + i, count) + gi;
+      detail::store_n(buf + i, bi, count);
       // Nesterov looks one momentum step ahead: d = g + mu*buf; plain: d = buf.
-      const float d = nesterov != 0.0f ? gi + mu * bi : bi;
-      p[i] -= lr * d;
-    }
+      const V d = c.nesterov ? gi + mu * bi : bi;
+      detail::store_n(p + i, pi - lr * d, count);
+    });
   };
   detail::for_optimizer_chunks(exec, params.extent(0), [&](index_t begin, index_t end) {
     if (c.decay_all || c.weight_decay == 0.0f)
@@ -132,8 +150,15 @@ inline double sum_of_squares_impl(const par_t& exec, tensor_view<const float, 1>
     const index_t lo = n * b / nb, hi = n * (b + 1) / nb;
     double s = 0.0;
     if (stride == 1) {
-#pragma omp simd reduction(+ : s)
-      for (index_t i = lo; i < hi; ++i) s += double(px[i]) * double(px[i]);
+      // 16 running sums: four independent vector chains hide the add latency.
+      double acc[16] = {};
+      index_t i = lo;
+      for (; i + 16 <= hi; i += 16) {
+#pragma omp simd
+        for (int k = 0; k < 16; ++k) acc[k] += double(px[i + k]) * double(px[i + k]);
+      }
+      for (; i < hi; ++i) s += double(px[i]) * double(px[i]);
+      for (double a : acc) s += a;
     } else {
       for (index_t i = lo; i < hi; ++i) s += double(px[i * stride]) * double(px[i * stride]);
     }
