@@ -97,6 +97,29 @@ void bm_ctformer_gemm_batched_attention(benchmark::State& state) {
   set_flops(state, 2.0 * double(heads) * double(t) * double(t) * double(d));
 }
 
+/// Decode: a few rows of activations (state.range(0)) times a 4096 x 4096
+/// weight stored (N, K) and used transposed; memory-bound, so GB/s of weights
+/// read is the figure that matters (the machine's DRAM bandwidth is its limit).
+template <class T>
+void bm_ctformer_gemm_decode(benchmark::State& state) {
+  const index_t rows = state.range(0), n = 4096;
+  const auto exec = ctformer::cpu::par.with_threads(int(state.range(1)));
+  ctformer::buffer<T> x(std::size_t(rows * n), ctformer::number_cast<T>(0.5f)),
+      w(std::size_t(n * n), ctformer::number_cast<T>(0.25f));
+  ctformer::buffer<float> y(std::size_t(rows * n), 0.0f);
+  auto xv = std::as_const(x).view(rows, n);
+  auto wv = std::as_const(w).view(n, n).transposed();
+  auto yv = y.view(rows, n);
+  ctformer::ops::gemm(exec, xv, wv, yv);
+  for (auto _ : state) {
+    ctformer::ops::gemm(exec, xv, wv, yv);
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 2.0 * double(rows) * double(n) * double(n));
+  state.counters["GB/s"] =
+      benchmark::Counter(double(n) * double(n) * sizeof(T) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 #if defined(CTFORMER_BENCH_OPENBLAS)
 /// The same product through OpenBLAS's cblas_sgemm, with its own thread pool
 /// set to state.range(1) threads.
@@ -115,6 +138,26 @@ void bm_openblas_sgemm(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   set_flops(state, 2.0 * double(n) * double(n) * double(n));
+}
+
+/// OpenBLAS on the decode shape (sgemm with M = rows; it switches to its gemv
+/// kernels itself for one row).
+void bm_openblas_sgemm_decode(benchmark::State& state) {
+  const index_t rows = state.range(0), n = 4096;
+  openblas_set_num_threads(int(state.range(1)));
+  std::vector<float> x(std::size_t(rows * n), 0.5f), w(std::size_t(n * n), 0.25f), y(std::size_t(rows * n));
+  auto run = [&] {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(n), int(n), 1.0f, x.data(), int(n), w.data(),
+                int(n), 0.0f, y.data(), int(n));
+  };
+  run();
+  for (auto _ : state) {
+    run();
+    benchmark::ClobberMemory();
+  }
+  set_flops(state, 2.0 * double(rows) * double(n) * double(n));
+  state.counters["GB/s"] =
+      benchmark::Counter(double(n) * double(n) * sizeof(float) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 #endif
 
@@ -176,6 +219,23 @@ BENCHMARK(bm_ctformer_gemm<float, true>)
 BENCHMARK(bm_openblas_sgemm<true>)
     ->Name("gemm_fp32_bt/openblas")
     ->ArgsProduct({{512, 1024}, {1, 2}})
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+#endif
+BENCHMARK(bm_ctformer_gemm_decode<float>)
+    ->Name("gemm_fp32_decode_4096x4096_bt/ctformer")
+    ->ArgsProduct({{1, 4}, {1, 2}})
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+BENCHMARK(bm_ctformer_gemm_decode<ctformer::bf16>)
+    ->Name("gemm_bf16_decode_4096x4096_bt/ctformer")
+    ->ArgsProduct({{1, 4}, {1, 2}})
+    ->UseRealTime()
+    ->MinTime(min_time_s);
+#if defined(CTFORMER_BENCH_OPENBLAS)
+BENCHMARK(bm_openblas_sgemm_decode)
+    ->Name("gemm_fp32_decode_4096x4096_bt/openblas")
+    ->ArgsProduct({{1, 4}, {1, 2}})
     ->UseRealTime()
     ->MinTime(min_time_s);
 #endif

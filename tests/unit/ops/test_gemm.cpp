@@ -191,6 +191,22 @@ TEMPLATE_LIST_TEST_CASE("gemm applies alpha and beta, and beta == 0 never reads 
   run_gemm_case<float>(exec, {17, 9, 5, false, false, 0.0f, 2.0f}, seed++);
 }
 
+TEMPLATE_LIST_TEST_CASE("gemm with a few rows (decode) matches the reference", "[ops][gemm]",
+                        ctformer::testing::test_policies) {
+  // Up to 4 rows take an unpacked CPU path that streams b where it lies;
+  // both of its b layouts, k not a multiple of its 16 lanes, n spanning
+  // several 512-column passes and several threads, and beta over NaN.
+  const auto exec = make_policy<TestType>();
+  std::uint32_t seed = 250;
+  for (const auto& s : std::vector<std::vector<index_t>>{{1, 1100, 77}, {2, 37, 300}, {3, 600, 16}, {4, 1030, 129}})
+    for (bool a_col : {false, true})
+      for (bool b_col : {false, true}) {
+        run_gemm_case<float>(exec, {s[0], s[1], s[2], a_col, b_col, 0.5f, -1.5f}, seed++);
+        run_gemm_case<float>(exec, {s[0], s[1], s[2], a_col, b_col, 1.0f, 0.0f, true}, seed++);
+        run_gemm_case<bf16>(exec, {s[0], s[1], s[2], a_col, b_col, 1.0f, 0.0f}, seed++);
+      }
+}
+
 TEMPLATE_LIST_TEST_CASE("gemm with bf16 inputs accumulates in fp32", "[ops][gemm][bf16]",
                         ctformer::testing::test_policies) {
   const auto exec = make_policy<TestType>();

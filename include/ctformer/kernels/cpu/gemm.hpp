@@ -9,6 +9,7 @@
 #include "ctformer/core/number_types.hpp"
 #include "ctformer/kernels/cpu/detail/gemm_microkernel.hpp"
 #include "ctformer/kernels/cpu/detail/gemm_pack.hpp"
+#include "ctformer/kernels/cpu/detail/gemm_skinny.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::cpu {
@@ -97,6 +98,7 @@ void gemm_one_thread(tensor_view<const T, 2> a, tensor_view<const T, 2> b, tenso
                      float beta) {
   if (c.extent(0) == 0 || c.extent(1) == 0) return;
   if (a.extent(1) == 0 || alpha == 0.0f) return gemm_scale_c(c, beta);
+  if (gemm_skinny_applies(a, b)) return gemm_skinny(par.with_threads(1), a, b, c, alpha, beta);
   gemm_blocked(a, b, c, alpha, beta);
 }
 
@@ -161,6 +163,7 @@ void gemm_impl(const par_t& exec, tensor_view<const T, 2> a, tensor_view<const T
   const index_t m = c.extent(0), n = c.extent(1), k = a.extent(1);
   if (m == 0 || n == 0) return;
   if (k == 0 || alpha == 0.0f) return detail::gemm_scale_c(c, beta);
+  if (detail::gemm_skinny_applies(a, b)) return detail::gemm_skinny(exec, a, b, c, alpha, beta);
   const int threads = detail::gemm_useful_threads(exec.thread_count(), m, n, k);
 #if defined(_OPENMP)
   if (threads > 1) {
