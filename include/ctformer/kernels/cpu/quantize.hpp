@@ -350,6 +350,36 @@ inline float dot_row_f32(const float* w, const float* x, index_t n) {
   return total;
 }
 
+/// One packed row to fp32: the format's scalar dequantize_row, vectorized
+/// for q8_0 and q4_0 (the GEMM dequantizes a tile per call, and the scalar
+/// loop would cost a third of its time). Same values as the scalar code.
+/// row: Format::row_bytes(cols) bytes -> out: (cols).
+template <class Format>
+void dequantize_row_fast(const std::byte* row, float* out, index_t cols) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Format, quant::q8_0> || std::is_same_v<Format, quant::q4_0>) {
+    const auto* blocks = reinterpret_cast<const typename Format::block_type*>(row);
+    for (index_t b = 0; b < cols / qk; ++b) {
+      __m256i q;
+      if constexpr (std::is_same_v<Format, quant::q8_0>) {
+        q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blocks[b].qs));
+      } else {
+        q = _mm256_sub_epi8(unpack_q4_0(blocks[b].qs), _mm256_set1_epi8(8));
+      }
+      const __m256 d = _mm256_set1_ps(fp16_to_float(blocks[b].d));
+      const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+      float* o = out + b * qk;
+      _mm256_storeu_ps(o, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo))));
+      _mm256_storeu_ps(o + 8, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)))));
+      _mm256_storeu_ps(o + 16, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi))));
+      _mm256_storeu_ps(o + 24, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)))));
+    }
+    return;
+  }
+#endif
+  Format::dequantize_row(row, out, cols);
+}
+
 /// Splits [0, rows) into one contiguous range per thread (so each thread
 /// streams its own slice of the weights) and calls body(begin, end). Matrices
 /// under 64 KiB stay on the calling thread: waking the pool costs more.
@@ -466,7 +496,7 @@ void quantize_rows_impl(const par_t& exec, tensor_view<const float, 2> w, quant:
 template <class Format>
 void dequantize_rows_impl(const par_t& exec, const quant::packed_matrix<Format>& w, tensor_view<float, 2> out) {
   detail::for_row_ranges(exec, w.rows(), w.bytes(), [&](index_t begin, index_t end) {
-    for (index_t r = begin; r < end; ++r) Format::dequantize_row(w.row(r), &out(r, 0), w.cols());
+    for (index_t r = begin; r < end; ++r) detail::dequantize_row_fast<Format>(w.row(r), &out(r, 0), w.cols());
   });
 }
 
@@ -515,7 +545,7 @@ void quantized_gemm_impl(const par_t& exec, const quant::packed_matrix<Format>& 
     } else {
       std::vector<float>& scratch = detail::gemm_tile_scratch();
       scratch.resize(std::size_t(rows * in));
-      for (index_t r = 0; r < rows; ++r) Format::dequantize_row(w.row(r0 + r), scratch.data() + r * in, in);
+      for (index_t r = 0; r < rows; ++r) detail::dequantize_row_fast<Format>(w.row(r0 + r), scratch.data() + r * in, in);
       wt = scratch.data();
     }
     for (index_t t0 = 0; t0 < tokens; t0 += 4) {
