@@ -3,6 +3,7 @@
 #pragma once
 
 #include <concepts>
+#include <string>
 #include <type_traits>
 
 namespace ctformer::nn {
@@ -84,6 +85,31 @@ consteval bool check_model_config() {
   static_assert(!std::same_as<typename Cfg::position, rope> || (Cfg::d_model / Cfg::n_head) % 2 == 0,
                 "ctformer: rotary positions need an even head dimension (d_model / n_head)");
   return true;
+}
+
+/// The configuration as a JSON object (every member, defaults filled in):
+/// what checkpoints store and compare so a file is never loaded into a model
+/// of another shape.
+template <model_config Cfg>
+std::string config_json() {
+  using t = config_traits<Cfg>;
+  auto name = []<class Part>(Part*) -> std::string {
+    if constexpr (std::same_as<Part, layer_norm>) return "layer_norm";
+    else if constexpr (std::same_as<Part, rms_norm>) return "rms_norm";
+    else if constexpr (std::same_as<Part, gelu>) return "gelu";
+    else if constexpr (std::same_as<Part, swiglu>) return "swiglu";
+    else if constexpr (std::same_as<Part, learned_position>) return "learned_position";
+    else return "rope";
+  };
+  return "{\"vocab\":" + std::to_string(t::vocab) + ",\"d_model\":" + std::to_string(t::d_model) +
+         ",\"n_layer\":" + std::to_string(t::n_layer) + ",\"n_head\":" + std::to_string(t::n_head) +
+         ",\"n_kv_head\":" + std::to_string(t::n_kv_head) + ",\"d_ff\":" + std::to_string(t::d_ff) +
+         ",\"max_seq\":" + std::to_string(t::max_seq) + ",\"norm\":\"" +
+         name(static_cast<typename Cfg::norm*>(nullptr)) + "\",\"activation\":\"" +
+         name(static_cast<typename Cfg::activation*>(nullptr)) + "\",\"position\":\"" +
+         name(static_cast<typename Cfg::position*>(nullptr)) + "\",\"tie_embeddings\":" +
+         (t::tie_embeddings ? "true" : "false") + ",\"bias\":" + (t::bias ? "true" : "false") +
+         ",\"norm_eps\":" + std::to_string(t::norm_eps) + ",\"rope_base\":" + std::to_string(t::rope_base) + "}";
 }
 
 }  // namespace ctformer::nn

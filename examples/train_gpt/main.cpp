@@ -1,0 +1,373 @@
+// train_gpt: trains a GPT-family model with ctformer on the CPU, then generates.
+//
+// With no arguments it learns the embedded task (3-digit addition, answers
+// written least-significant digit first) and prints held-out exact-match
+// accuracy. With --data FILE it trains character-level on any text file
+// (the nanoGPT CPU configuration with --preset nanogpt-cpu, the default for
+// --data) and prints a sample. The model's shape is a compile-time
+// configuration, so --preset picks one of the configurations compiled below.
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <optional>
+#include <string>
+
+#include "ctformer/ctformer.hpp"
+#include "ctformer/infer/sampler.hpp"
+#include "ctformer/io/model_checkpoint.hpp"
+#include "ctformer/io/text_dataset.hpp"
+#include "ctformer/io/tokenizer.hpp"
+#include "ctformer/nn/nn.hpp"
+#include "ctformer/train/addition_task.hpp"
+#include "ctformer/train/trainer.hpp"
+
+using namespace ctformer;
+
+namespace {
+
+// The embedded task's model: 2 blocks of width 128; 13 symbols padded to 16.
+struct addition_config {
+  static constexpr int vocab = 16, d_model = 128, n_layer = 2, n_head = 4, n_kv_head = 4, d_ff = 512, max_seq = 16;
+  using norm = nn::layer_norm;
+  using activation = nn::gelu;
+  using position = nn::learned_position;
+};
+// nanoGPT's CPU configuration (4 layers, 4 heads, width 128, context 64) over
+// tiny Shakespeare's 65 characters.
+struct nanogpt_cpu_config {
+  static constexpr int vocab = 65, d_model = 128, n_layer = 4, n_head = 4, n_kv_head = 4, d_ff = 512, max_seq = 64;
+  using norm = nn::layer_norm;
+  using activation = nn::gelu;
+  using position = nn::learned_position;
+};
+// The same shape over raw bytes, for text with more than 65 distinct characters.
+struct bytes_config : nanogpt_cpu_config {
+  static constexpr int vocab = 256;
+};
+
+struct options {
+  std::string data, preset, precision = "fp32", save, resume, metrics, summary_json, prompt = "\n";
+  std::int64_t steps = -1, warmup = -1, eval_every = -1, checkpoint_every = 0;
+  index_t batch_size = -1, sequence_length = -1;
+  int accumulation = 1, eval_batches = 20, threads = 0, sample_tokens = 300, digits = 3;
+  float lr = -1, min_lr = -1, weight_decay = 0.1f, beta2 = 0.99f, clip = 1.0f, temperature = 0.8f;
+  std::uint64_t seed = 1337, model_seed = 0;
+  bool quiet = false;
+};
+
+// Fills the defaults each preset wants for whatever the command line left unset.
+void apply_preset_defaults(options& o) {
+  auto set = [](auto& field, auto value) {
+    if (field < 0) field = value;
+  };
+  if (o.preset == "addition") {
+    set(o.steps, 1500);
+    set(o.batch_size, 64);
+    set(o.lr, 2e-3f);
+    set(o.min_lr, 2e-4f);
+    set(o.warmup, 100);
+    set(o.eval_every, 250);
+  } else {  // nanogpt-cpu and bytes: nanoGPT's train_shakespeare_char settings for the CPU
+    set(o.steps, 2000);
+    set(o.batch_size, 12);
+    set(o.sequence_length, 64);
+    set(o.lr, 1e-3f);
+    set(o.min_lr, 1e-4f);
+    set(o.warmup, 100);
+    set(o.eval_every, 250);
+  }
+}
+
+// A tokenizer's vocabulary size, whether it is fixed (bytes) or learned from text.
+template <class Tokenizer>
+int vocab_of(const Tokenizer& tokenizer) {
+  if constexpr (requires { tokenizer.vocab_size(); }) return tokenizer.vocab_size();
+  else return Tokenizer::vocab_size;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Greedy answers for every held-out problem, in batches: all prompts have the
+// same length, so each step extends every row by one token.
+template <class Model, class Compute>
+double addition_exact_match(Model& model, const train::addition_task& task, bool print_examples) {
+  const auto problems = task.heldout_problems();
+  const index_t batch = 250, prompt = task.prompt_length(), answer = task.answer_length();
+  std::size_t correct = 0;
+  std::vector<std::int32_t> tokens;
+  for (std::size_t first = 0; first < problems.size(); first += std::size_t(batch)) {
+    const index_t rows = std::min<index_t>(batch, index_t(problems.size() - first));
+    const index_t width = prompt + answer;
+    tokens.assign(std::size_t(rows * width), 0);
+    for (index_t r = 0; r < rows; ++r) {
+      const auto p = task.prompt(problems[first + r].first, problems[first + r].second);
+      std::copy(p.begin(), p.end(), tokens.begin() + r * width);
+    }
+    for (index_t length = prompt; length < width; ++length) {
+      // The rows' first `length` tokens, gathered contiguously.
+      std::vector<std::int32_t> input(std::size_t(rows * length));
+      for (index_t r = 0; r < rows; ++r)
+        std::copy_n(tokens.begin() + r * width, length, input.begin() + r * length);
+      auto logits = model.template logits<Compute>(tensor_view<const std::int32_t, 2>(input.data(), {rows, length}));
+      for (index_t r = 0; r < rows; ++r) {
+        const float* row = &logits(r, length - 1, 0);
+        tokens[std::size_t(r * width + length)] =
+            infer::greedy(std::span<const float>(row, std::size_t(train::addition_task::vocab_size)));
+      }
+    }
+    for (index_t r = 0; r < rows; ++r) {
+      const auto [a, b] = problems[first + r];
+      std::span<const std::int32_t> generated(tokens.data() + r * width + prompt, std::size_t(answer));
+      if (task.is_correct(a, b, generated)) ++correct;
+      if (print_examples && first == 0 && r < 5)
+        std::printf("  %s  (%s)\n",
+                    train::addition_task::to_text(std::span<const std::int32_t>(tokens.data() + r * width, std::size_t(width))).c_str(),
+                    task.is_correct(a, b, generated) ? "right" : "wrong");
+    }
+  }
+  return double(correct) / double(problems.size());
+}
+
+// Samples text after a prompt, one token at a time over the whole window.
+template <class Model, class Compute, class Tokenizer>
+std::string sample_text(Model& model, const Tokenizer& tokenizer, const options& o) {
+  std::vector<std::int32_t> tokens = tokenizer.encode(o.prompt);
+  infer::sampling_settings settings;
+  settings.temperature = o.temperature;
+  settings.top_k = 0;
+  settings.seed = o.seed;
+  infer::sampler sampler(settings);
+  const std::size_t prompt_length = tokens.size();
+  for (int i = 0; i < o.sample_tokens; ++i) {
+    const index_t length = std::min<index_t>(index_t(tokens.size()), Model::max_seq);
+    const std::int32_t* window = tokens.data() + (tokens.size() - std::size_t(length));
+    auto logits = model.template logits<Compute>(tensor_view<const std::int32_t, 2>(window, {1, length}));
+    const float* row = &logits(0, length - 1, 0);
+    tokens.push_back(sampler.sample(std::span<const float>(row, std::size_t(vocab_of(tokenizer)))));
+  }
+  return tokenizer.decode(std::span<const std::int32_t>(tokens.data() + prompt_length, tokens.size() - prompt_length));
+}
+
+template <class Config, class Precision, class Tokenizer>
+int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::text_dataset>& dataset,
+        const train::addition_task* task) {
+  using model_type = nn::model<Config, cpu::par_t>;
+  using compute = typename Precision::compute_type;
+  const auto exec = cpu::par.with_threads(o.threads);
+  if (vocab_of(tokenizer) > Config::vocab)
+    throw invalid_input("train_gpt: the text has " + std::to_string(vocab_of(tokenizer)) +
+                        " distinct characters but preset '" + o.preset + "' holds " + std::to_string(Config::vocab) +
+                        "; use --preset bytes");
+  model_type model(exec, o.model_seed);
+  train::adamw_config adam;
+  adam.beta2 = o.beta2;
+  adam.weight_decay = o.weight_decay;
+  train::adamw<cpu::par_t> optimizer(exec, model.parameter_count(), adam);
+  train::warmup_cosine_schedule schedule{o.lr, o.min_lr, o.warmup, o.steps};
+  train::trainer_settings settings;
+  settings.batch_size = o.batch_size;
+  settings.sequence_length = task ? task->context_length() : o.sequence_length;
+  settings.accumulation_steps = o.accumulation;
+  settings.clip_norm = o.clip;
+  settings.eval_every = o.eval_every;
+  settings.eval_batches = o.eval_batches;
+  settings.seed = o.seed;
+  train::trainer<model_type, train::adamw<cpu::par_t>, Precision, cpu::par_t> trainer(model, optimizer, schedule,
+                                                                                    settings);
+  io::training_state state;
+  state.vocabulary = tokenizer.serialize();
+  auto save = [&](const std::string& path) {
+    state.optimizer_state = optimizer.state_tensors();
+    state.step = trainer.step_count();
+    state.optimizer_step = optimizer.step_count();
+    state.rng = trainer.rng();
+    io::save_model_checkpoint(path, model, state);
+  };
+  if (!o.resume.empty()) {
+    state.optimizer_state = optimizer.state_tensors();
+    io::load_model_checkpoint(o.resume, model, state);
+    optimizer.set_step_count(state.optimizer_step);
+    trainer.rng() = state.rng;
+    std::printf("resumed from %s at step %lld\n", o.resume.c_str(), static_cast<long long>(state.step));
+  }
+
+  std::printf("ctformer train_gpt: preset %s, %lld parameters, %s, %d thread(s), %lld steps of %lld x %lld tokens\n",
+              o.preset.c_str(), static_cast<long long>(model.parameter_count()), std::string(Precision::name).c_str(),
+              exec.thread_count(), static_cast<long long>(o.steps), static_cast<long long>(settings.batch_size),
+              static_cast<long long>(settings.sequence_length));
+  std::optional<train::jsonl_writer> metrics;
+  if (!o.metrics.empty()) metrics.emplace(o.metrics, !o.resume.empty());
+  train::progress_bar bar(o.steps);
+
+  // Held-out batches: fixed windows of the validation split, or fixed problems of the task.
+  auto sample = [&](std::mt19937_64& rng, tensor_view<std::int32_t, 2> in, tensor_view<std::int32_t, 2> out) {
+    if (task) task->make_batch(rng, in, out);
+    else dataset->sample_batch(rng, in, out);
+  };
+  auto heldout = [&](int i, tensor_view<std::int32_t, 2> in, tensor_view<std::int32_t, 2> out) {
+    std::mt19937_64 fixed(0xe7a1u + std::uint64_t(i));  // the same batches at every evaluation
+    if (task) {
+      // Training problems the model has not necessarily seen: the loss on
+      // held-out problems is what exact match measures below.
+      task->make_batch(fixed, in, out);
+    } else {
+      dataset->sample_validation_batch(fixed, in, out);
+    }
+  };
+
+  const auto start = std::chrono::steady_clock::now();
+  train::step_metrics last;
+  double tokens_per_s_sum = 0;
+  int timed_steps = 0;
+  try {
+    trainer.run(o.steps, sample, heldout, [&](const train::step_metrics& m) {
+      last = m;
+      if (m.step > 5) {  // the first steps warm caches and grow buffers
+        tokens_per_s_sum += m.tokens_per_s;
+        ++timed_steps;
+      }
+      if (metrics) metrics->write(m);
+      bar.update(m.step, m.loss, m.tokens_per_s);
+      if (m.val_loss && !o.quiet) {
+        bar.finish();
+        std::printf("step %5lld  loss %.4f  val_loss %.4f  lr %.2e  grad_norm %.3f  %.0f tokens/s\n",
+                    static_cast<long long>(m.step), m.loss, *m.val_loss, m.lr, m.grad_norm, m.tokens_per_s);
+        std::fflush(stdout);
+      }
+      if (o.checkpoint_every > 0 && !o.save.empty() && m.step % o.checkpoint_every == 0) save(o.save);
+    });
+  } catch (const train::training_diverged& e) {
+    bar.finish();
+    std::fprintf(stderr, "%s\n", e.what());
+    if (!o.save.empty())
+      std::fprintf(stderr, "the last good checkpoint (if one was written) is kept at %s\n", o.save.c_str());
+    return 2;
+  }
+  bar.finish();
+  const double wall = seconds_since(start);
+  if (!o.save.empty()) {
+    save(o.save);
+    std::printf("saved %s\n", o.save.c_str());
+  }
+
+  nlohmann::json summary{{"preset", o.preset},
+                         {"precision", std::string(Precision::name)},
+                         {"steps", trainer.step_count()},
+                         {"train_loss", last.loss},
+                         {"val_loss", last.val_loss ? nlohmann::json(*last.val_loss) : nlohmann::json(nullptr)},
+                         {"tokens_per_s", timed_steps ? tokens_per_s_sum / timed_steps : last.tokens_per_s},
+                         {"wall_s", wall},
+                         {"parameters", model.parameter_count()}};
+  if (task) {
+    std::printf("held-out problems (answers least-significant digit first, $ ends):\n");
+    const double accuracy = addition_exact_match<model_type, compute>(model, *task, !o.quiet);
+    std::printf("held-out exact match: %.2f%% of %zu problems\n", 100.0 * accuracy, task->heldout_size());
+    summary["heldout_exact_match"] = accuracy;
+  } else {
+    summary["heldout_exact_match"] = nullptr;
+    if (o.sample_tokens > 0) {
+      std::printf("--- sample ---\n%s\n--------------\n", sample_text<model_type, compute>(model, tokenizer, o).c_str());
+    }
+  }
+  std::printf("%lld steps in %.1f s, %.0f tokens/s, train loss %.4f, val loss %s\n",
+              static_cast<long long>(trainer.step_count()), wall, summary["tokens_per_s"].get<double>(), last.loss,
+              last.val_loss ? std::to_string(*last.val_loss).c_str() : "-");
+  if (!o.summary_json.empty()) {
+    std::ofstream out(o.summary_json);
+    out << summary.dump(2) << "\n";
+    if (!out) throw io_error("train_gpt: cannot write " + o.summary_json);
+  }
+  return 0;
+}
+
+template <class Config, class Tokenizer>
+int run_with_precision(const options& o, const Tokenizer& tokenizer, const std::optional<io::text_dataset>& dataset,
+                       const train::addition_task* task) {
+  if (o.precision == "bf16") return run<Config, train::bf16_mixed>(o, tokenizer, dataset, task);
+  return run<Config, train::fp32>(o, tokenizer, dataset, task);
+}
+
+// The task's own symbols as a tokenizer, so checkpoints record them like any text's.
+struct addition_tokenizer {
+  io::char_tokenizer chars = io::char_tokenizer::from_symbols(train::addition_task::alphabet);
+  int vocab_size() const { return chars.vocab_size(); }  // NOLINT: mirrors char_tokenizer
+  std::string serialize() const { return chars.serialize(); }
+  std::vector<std::int32_t> encode(std::string_view text) const { return train::addition_task::from_text(text); }
+  std::string decode(std::span<const std::int32_t> t) const { return train::addition_task::to_text(t); }
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  options o;
+  CLI::App app{"Train a GPT-family model with ctformer, then generate"};
+  app.add_option("--data", o.data, "Train character-level on this text file instead of the embedded addition task");
+  app.add_option("--preset", o.preset, "Model configuration: addition (default without --data), nanogpt-cpu "
+                                       "(default with --data), bytes")
+      ->check(CLI::IsMember({"addition", "nanogpt-cpu", "bytes"}));
+  app.add_option("--precision", o.precision, "fp32 or bf16 (bf16 GEMMs, fp32 master weights)")
+      ->check(CLI::IsMember({"fp32", "bf16"}));
+  app.add_option("--steps", o.steps, "Optimizer steps (default: 1500 addition, 2000 text)");
+  app.add_option("--batch-size", o.batch_size, "Sequences per micro-batch");
+  app.add_option("--seq-len", o.sequence_length, "Tokens per sequence (text; at most the preset's context)");
+  app.add_option("--accumulation", o.accumulation, "Micro-batches per optimizer step");
+  app.add_option("--lr", o.lr, "Peak learning rate");
+  app.add_option("--min-lr", o.min_lr, "Final learning rate of the cosine decay");
+  app.add_option("--warmup", o.warmup, "Linear warm-up steps");
+  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)");
+  app.add_option("--beta2", o.beta2, "AdamW beta2");
+  app.add_option("--clip", o.clip, "Clip the gradient's global norm to this (0: off)");
+  app.add_option("--eval-every", o.eval_every, "Held-out loss every N steps");
+  app.add_option("--eval-batches", o.eval_batches, "Held-out batches per evaluation");
+  app.add_option("--threads", o.threads, "CPU threads (0: all)");
+  app.add_option("--seed", o.seed, "Data-sampling seed");
+  app.add_option("--model-seed", o.model_seed, "Initialisation seed");
+  app.add_option("--digits", o.digits, "Operand digits of the addition task (1-4 fit the addition preset)");
+  app.add_option("--save", o.save, "Write the final checkpoint here (atomically)");
+  app.add_option("--checkpoint-every", o.checkpoint_every, "Also write --save every N steps");
+  app.add_option("--resume", o.resume, "Continue from this checkpoint (bit-identical to an uninterrupted run)");
+  app.add_option("--metrics", o.metrics, "Append per-step metrics here as JSON Lines");
+  app.add_option("--summary-json", o.summary_json, "Write the final figures here as one JSON object");
+  app.add_option("--sample-tokens", o.sample_tokens, "Characters to generate after training on text");
+  app.add_option("--prompt", o.prompt, "Prompt for the text sample");
+  app.add_option("--temperature", o.temperature, "Sampling temperature for the text sample");
+  app.add_flag("--quiet", o.quiet, "Print only the summary lines");
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    if (o.preset.empty()) o.preset = o.data.empty() ? "addition" : "nanogpt-cpu";
+    if (o.preset == "addition" && !o.data.empty())
+      throw invalid_input("train_gpt: --preset addition trains on the embedded task; drop --data or pick nanogpt-cpu");
+    if (o.preset != "addition" && o.data.empty())
+      throw invalid_input("train_gpt: --preset " + o.preset + " trains on text: give --data FILE");
+    apply_preset_defaults(o);
+    if (o.preset == "addition") {
+      train::addition_task task(o.digits);
+      if (task.context_length() > addition_config::max_seq)
+        throw invalid_input("train_gpt: " + std::to_string(o.digits) + "-digit problems need a context of " +
+                            std::to_string(task.context_length()) + " tokens; the addition preset holds " +
+                            std::to_string(addition_config::max_seq));
+      return run_with_precision<addition_config>(o, addition_tokenizer{}, std::nullopt, &task);
+    }
+    if (o.sequence_length > nanogpt_cpu_config::max_seq)
+      throw invalid_input("train_gpt: --seq-len " + std::to_string(o.sequence_length) + " exceeds the preset's context " +
+                          std::to_string(nanogpt_cpu_config::max_seq));
+    if (o.preset == "bytes") {
+      io::byte_tokenizer tokenizer;
+      std::optional<io::text_dataset> dataset(io::text_dataset::from_file(o.data, tokenizer, o.sequence_length));
+      return run_with_precision<bytes_config>(o, tokenizer, dataset, nullptr);
+    }
+    const auto tokenizer = io::char_tokenizer::from_text(io::read_text_file(o.data));
+    std::optional<io::text_dataset> dataset(io::text_dataset::from_file(o.data, tokenizer, o.sequence_length));
+    return run_with_precision<nanogpt_cpu_config>(o, tokenizer, dataset, nullptr);
+  } catch (const ctformer::error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 1;
+  }
+}
