@@ -10,6 +10,7 @@
 #include "ctformer/ops/activation.hpp"
 #include "ctformer/ops/attention.hpp"
 #include "ctformer/ops/bias.hpp"
+#include "ctformer/ops/cached_attention.hpp"
 #include "ctformer/ops/elementwise.hpp"
 #include "ctformer/ops/embedding.hpp"
 #include "ctformer/ops/gemm.hpp"

@@ -4,6 +4,7 @@
 #include "ctformer/kernels/cpu/activation.hpp"
 #include "ctformer/kernels/cpu/attention.hpp"
 #include "ctformer/kernels/cpu/bias.hpp"
+#include "ctformer/kernels/cpu/cached_attention.hpp"
 #include "ctformer/kernels/cpu/elementwise.hpp"
 #include "ctformer/kernels/cpu/embedding.hpp"
 #include "ctformer/kernels/cpu/gemm.hpp"

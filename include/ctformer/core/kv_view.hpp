@@ -1,0 +1,58 @@
+// kv_view<Element>: the layout of one sequence's keys and values in one layer of
+// a KV cache (pointers, strides, block table), the plain struct through which
+// the cached-attention kernels read a cache without knowing its policy.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "ctformer/core/number_types.hpp"
+#include "ctformer/core/tensor_view.hpp"
+
+namespace ctformer {
+
+/// Where the keys and values of one sequence live in one layer of a cache.
+///
+/// Tokens are stored in blocks of `block_tokens` positions; logical block i
+/// of the sequence is physical block `block_table[i]`. Inside a block, token
+/// j, key/value head g starts at `j * token_stride + g * head_dim` elements
+/// from the block's start; blocks are `block_stride` elements apart. A
+/// contiguous cache is the case of one block of max_seq tokens per sequence.
+///
+/// For int8 elements, `k_scale` / `v_scale` hold one fp32 scale per (token,
+/// kv head) in the same block layout with strides `token_stride / head_dim`
+/// (value = scale * int8); they are null for fp32 and bf16.
+/// @tparam Element float, bf16 or std::int8_t (const-qualified for reading)
+template <class Element>
+struct kv_view {
+  using element_type = Element;
+  using value_type = std::remove_cv_t<Element>;
+  static_assert(std::is_same_v<value_type, float> || std::is_same_v<value_type, bf16> ||
+                    std::is_same_v<value_type, std::int8_t>,
+                "ctformer: a KV cache holds float, bf16 or std::int8_t elements");
+
+  Element* k = nullptr;                       ///< keys: the layer's block 0
+  Element* v = nullptr;                       ///< values: same layout as k
+  const float* k_scale = nullptr;             ///< int8 only: (block, token, kv head)
+  const float* v_scale = nullptr;             ///< int8 only
+  const std::int32_t* block_table = nullptr;  ///< physical block of each logical block
+  index_t block_tokens = 0;                   ///< positions per block
+  index_t block_stride = 0;                   ///< elements between physical blocks
+  index_t token_stride = 0;                   ///< elements between positions in a block (kv_heads * head_dim)
+  index_t kv_heads = 0;
+  index_t head_dim = 0;
+  index_t capacity = 0;  ///< positions the block table covers (readable: [0, capacity))
+
+  /// Offset (in elements) of position pos, kv head g, from k / v.
+  index_t offset(index_t pos, index_t g) const {
+    return index_t(block_table[pos / block_tokens]) * block_stride + (pos % block_tokens) * token_stride +
+           g * head_dim;
+  }
+  /// Index of the scale of position pos, kv head g (int8 only).
+  index_t scale_offset(index_t pos, index_t g) const {
+    return index_t(block_table[pos / block_tokens]) * (block_stride / head_dim) +
+           (pos % block_tokens) * kv_heads + g;
+  }
+};
+
+}  // namespace ctformer

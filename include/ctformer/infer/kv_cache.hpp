@@ -1,0 +1,354 @@
+// infer::kv_cache<Policy>: the keys and values of every layer for a set of
+// sequences, under the policies kv::contiguous (a max_seq slot per sequence)
+// and kv::paged<BlockTokens> (blocks from a shared pool, a block table per
+// sequence), each with fp32, bf16 or int8 (per token, per kv head scale) elements.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "ctformer/core/buffer.hpp"
+#include "ctformer/core/error.hpp"
+#include "ctformer/core/kv_view.hpp"
+#include "ctformer/core/number_types.hpp"
+#include "ctformer/core/tensor_view.hpp"
+
+namespace ctformer::infer {
+
+namespace kv {
+
+/// One slot of max_seq positions per sequence, a fixed number of slots: the
+/// whole cache is allocated up front and a sequence's keys are contiguous.
+/// @tparam Element float, bf16 or std::int8_t (int8: one fp32 scale per token per kv head)
+template <class Element = float>
+struct contiguous {
+  using element_type = Element;
+};
+
+/// Blocks of BlockTokens positions from one pool shared by every sequence,
+/// found through a per-sequence block table; a sequence takes blocks as it
+/// grows and gives them back when it closes, so the memory in use follows
+/// the live tokens rather than max_seq per sequence.
+/// @tparam BlockTokens positions per block (> 0)
+/// @tparam Element float, bf16 or std::int8_t
+template <index_t BlockTokens, class Element = float>
+struct paged {
+  static_assert(BlockTokens > 0, "ctformer: kv::paged needs a positive block size");
+  using element_type = Element;
+  static constexpr index_t block_tokens = BlockTokens;
+};
+
+template <class P>
+inline constexpr bool is_paged = false;
+template <index_t B, class E>
+inline constexpr bool is_paged<paged<B, E>> = true;
+template <class P>
+inline constexpr bool is_contiguous = false;
+template <class E>
+inline constexpr bool is_contiguous<contiguous<E>> = true;
+
+}  // namespace kv
+
+/// A KV-cache policy: kv::contiguous<E> or kv::paged<B, E> with E one of float, bf16, std::int8_t.
+template <class P>
+concept kv_policy =
+    (kv::is_paged<P> || kv::is_contiguous<P>) &&
+    (std::is_same_v<typename P::element_type, float> || std::is_same_v<typename P::element_type, bf16> ||
+     std::is_same_v<typename P::element_type, std::int8_t>);
+
+/// The handle of an open sequence in a cache.
+using sequence_id = std::int32_t;
+
+/// The cache cannot hold what was asked: its pool (or its sequence slots) is
+/// used up, or a sequence would pass max_seq. A batching layer catches this to
+/// preempt a sequence; a single generation reports it.
+class cache_exhausted : public error {
+ public:
+  using error::error;
+};
+
+/// Keys and values of n_layer layers for the sequences open in it, in the
+/// layout Policy picks. Not thread-safe: one caller opens, grows and closes
+/// sequences (the kernels that read it run on many threads).
+///
+/// Storage: for each of k and v, [layer][block][token in block][kv head][head_dim]
+/// elements; a contiguous cache is the case of one max_seq block per sequence.
+/// Growing a sequence is reserve() (takes blocks) then write() of the new
+/// positions' rows then set_length(); kernels read it through view().
+/// @tparam Policy kv::contiguous<E> or kv::paged<BlockTokens, E>
+template <class Policy>
+class kv_cache {
+  static_assert(kv_policy<Policy>,
+                "ctformer: kv_cache takes kv::contiguous<E> or kv::paged<BlockTokens, E>, with E float, bf16 or "
+                "std::int8_t");
+
+ public:
+  using policy = Policy;
+  using element_type = typename Policy::element_type;
+  static constexpr bool paged = kv::is_paged<Policy>;
+  static constexpr bool quantized = std::is_same_v<element_type, std::int8_t>;
+
+  /// @param capacity contiguous: the number of sequence slots; paged: the
+  ///   positions in the pool (rounded up to whole blocks).
+  /// Throws invalid_input for a non-positive dimension.
+  kv_cache(index_t n_layer, index_t n_kv_head, index_t head_dim, index_t max_seq, index_t capacity)
+      : n_layer_(n_layer), kv_heads_(n_kv_head), head_dim_(head_dim), max_seq_(max_seq) {
+    if (n_layer <= 0 || n_kv_head <= 0 || head_dim <= 0 || max_seq <= 0 || capacity <= 0)
+      throw invalid_input("ctformer::infer::kv_cache: n_layer (" + std::to_string(n_layer) + "), n_kv_head (" +
+                          std::to_string(n_kv_head) + "), head_dim (" + std::to_string(head_dim) + "), max_seq (" +
+                          std::to_string(max_seq) + ") and capacity (" + std::to_string(capacity) +
+                          ") must all be positive");
+    if constexpr (paged) {
+      block_tokens_ = Policy::block_tokens;
+      blocks_ = (capacity + block_tokens_ - 1) / block_tokens_;
+    } else {
+      block_tokens_ = max_seq;
+      blocks_ = capacity;
+    }
+    block_elements_ = block_tokens_ * kv_heads_ * head_dim_;
+    layer_elements_ = blocks_ * block_elements_;
+    k_ = buffer<element_type>(std::size_t(n_layer_ * layer_elements_));
+    v_ = buffer<element_type>(std::size_t(n_layer_ * layer_elements_));
+    if constexpr (quantized) {
+      k_scale_ = buffer<float>(std::size_t(n_layer_ * blocks_ * block_tokens_ * kv_heads_), 0.0f);
+      v_scale_ = buffer<float>(std::size_t(n_layer_ * blocks_ * block_tokens_ * kv_heads_), 0.0f);
+    }
+    // Taken from the back: block 0 goes first, which keeps small tests readable.
+    free_blocks_.reserve(std::size_t(blocks_));
+    for (index_t b = blocks_ - 1; b >= 0; --b) free_blocks_.push_back(std::int32_t(b));
+  }
+
+  kv_cache(const kv_cache&) = delete;
+  kv_cache& operator=(const kv_cache&) = delete;
+  kv_cache(kv_cache&&) = default;
+  kv_cache& operator=(kv_cache&&) = default;
+
+  index_t n_layer() const { return n_layer_; }
+  index_t n_kv_head() const { return kv_heads_; }
+  index_t head_dim() const { return head_dim_; }
+  index_t max_seq() const { return max_seq_; }
+  /// Positions per block (max_seq for a contiguous cache).
+  index_t block_tokens() const { return block_tokens_; }
+  /// Blocks in the pool (sequence slots for a contiguous cache).
+  index_t block_count() const { return blocks_; }
+  index_t free_block_count() const { return index_t(free_blocks_.size()); }
+  /// Positions the pool holds in all (contiguous: slots * max_seq).
+  index_t pool_tokens() const { return blocks_ * block_tokens_; }
+
+  /// Bytes the cache allocated (keys, values and int8 scales): fixed at construction.
+  std::size_t bytes() const { return k_.bytes() + v_.bytes() + k_scale_.bytes() + v_scale_.bytes(); }
+  /// Bytes of one block across every layer (keys, values, scales).
+  std::size_t bytes_per_block() const { return bytes() / std::size_t(blocks_); }
+  /// Bytes held by open sequences: what the live tokens cost (whole blocks).
+  std::size_t bytes_in_use() const { return std::size_t(blocks_ - free_block_count()) * bytes_per_block(); }
+
+  /// Opens an empty sequence. A contiguous cache gives it a slot now (throws
+  /// cache_exhausted when every slot is taken); a paged one takes blocks as
+  /// reserve() asks.
+  sequence_id open_sequence() {
+    sequence_id id;
+    if (!free_ids_.empty()) {
+      id = free_ids_.back();
+      free_ids_.pop_back();
+    } else {
+      id = sequence_id(sequences_.size());
+      sequences_.emplace_back();
+      sequences_.back().blocks.reserve(std::size_t((max_seq_ + block_tokens_ - 1) / block_tokens_));
+    }
+    sequence& s = sequences_[std::size_t(id)];
+    s.open = true;
+    s.length = 0;
+    s.blocks.clear();
+    if constexpr (!paged) {
+      if (free_blocks_.empty()) {
+        s.open = false;
+        free_ids_.push_back(id);
+        throw cache_exhausted("ctformer::infer::kv_cache: cannot open a sequence: all " + std::to_string(blocks_) +
+                              " sequence slots of the contiguous cache are in use");
+      }
+      s.blocks.push_back(free_blocks_.back());
+      free_blocks_.pop_back();
+    }
+    ++open_count_;
+    return id;
+  }
+
+  /// Closes a sequence and returns its blocks (or slot) to the pool.
+  void close_sequence(sequence_id id) {
+    sequence& s = at(id, "close_sequence");
+    for (auto it = s.blocks.rbegin(); it != s.blocks.rend(); ++it) free_blocks_.push_back(*it);
+    s.blocks.clear();
+    s.open = false;
+    s.length = 0;
+    free_ids_.push_back(id);
+    --open_count_;
+  }
+
+  /// Sequences open now.
+  index_t open_sequences() const { return open_count_; }
+
+  /// Positions written and committed by set_length.
+  index_t length(sequence_id id) const { return at(id, "length").length; }
+  /// Positions the sequence can hold without taking more blocks.
+  index_t reserved(sequence_id id) const { return index_t(at(id, "reserved").blocks.size()) * block_tokens_; }
+  /// The blocks the sequence holds, in logical order.
+  const std::vector<std::int32_t>& block_table(sequence_id id) const { return at(id, "block_table").blocks; }
+
+  /// Makes room for new_length positions (blocks are taken now, all or none).
+  /// Throws cache_exhausted naming the sequence, the positions asked for and
+  /// the pool when the pool has too few free blocks or new_length > max_seq.
+  void reserve(sequence_id id, index_t new_length) {
+    sequence& s = at(id, "reserve");
+    if (new_length > max_seq_)
+      throw cache_exhausted("ctformer::infer::kv_cache: sequence " + std::to_string(id) + " asks for " +
+                            std::to_string(new_length) + " positions, more than the cache's max_seq of " +
+                            std::to_string(max_seq_));
+    if constexpr (paged) {
+      const index_t needed = (new_length + block_tokens_ - 1) / block_tokens_ - index_t(s.blocks.size());
+      if (needed <= 0) return;
+      if (needed > free_block_count())
+        throw cache_exhausted("ctformer::infer::kv_cache: sequence " + std::to_string(id) + " asks for " +
+                              std::to_string(new_length) + " positions (" + std::to_string(needed) +
+                              " more blocks of " + std::to_string(block_tokens_) + "), but the pool of " +
+                              std::to_string(pool_tokens()) + " positions (" + std::to_string(blocks_) +
+                              " blocks) has only " + std::to_string(free_block_count()) + " blocks free");
+      for (index_t i = 0; i < needed; ++i) {
+        s.blocks.push_back(free_blocks_.back());
+        free_blocks_.pop_back();
+      }
+    }
+  }
+
+  /// Commits the sequence's length (positions [0, n) hold valid keys and values).
+  void set_length(sequence_id id, index_t n) {
+    sequence& s = at(id, "set_length");
+    if (n < 0 || n > index_t(s.blocks.size()) * block_tokens_)
+      throw invalid_input("ctformer::infer::kv_cache::set_length: sequence " + std::to_string(id) +
+                          " has room for " + std::to_string(index_t(s.blocks.size()) * block_tokens_) +
+                          " positions, cannot set its length to " + std::to_string(n));
+    s.length = n;
+  }
+
+  /// Stores the keys and values of positions [start, start + T) of a sequence
+  /// in one layer, converting to the cache's element type (int8: one scale
+  /// max|row| / 127 per position per kv head, round to nearest).
+  /// k, v: (T, KV, D), unit stride in D. The positions must be reserved.
+  void write(index_t layer, sequence_id id, index_t start, tensor_view<const float, 3> k,
+             tensor_view<const float, 3> v) {
+    const sequence& s = at(id, "write");
+    if (layer < 0 || layer >= n_layer_)
+      throw invalid_input("ctformer::infer::kv_cache::write: layer " + std::to_string(layer) + " is outside [0, " +
+                          std::to_string(n_layer_) + ")");
+    require_same_shape("infer::kv_cache::write", "k", k, "v", v);
+    if (k.extent(1) != kv_heads_ || k.extent(2) != head_dim_ || (head_dim_ > 1 && (k.stride(2) != 1 || v.stride(2) != 1)))
+      throw shape_error("ctformer::infer::kv_cache::write: k has shape " + shape_string(k) + ", expected (T, " +
+                        std::to_string(kv_heads_) + ", " + std::to_string(head_dim_) + ") with unit stride in D");
+    const index_t room = index_t(s.blocks.size()) * block_tokens_;
+    if (start < 0 || start + k.extent(0) > room)
+      throw invalid_input("ctformer::infer::kv_cache::write: positions [" + std::to_string(start) + ", " +
+                          std::to_string(start + k.extent(0)) + ") of sequence " + std::to_string(id) +
+                          " are not reserved (room for " + std::to_string(room) + ")");
+    element_type* kl = k_.data() + layer * layer_elements_;
+    element_type* vl = v_.data() + layer * layer_elements_;
+    const index_t scales_per_layer = blocks_ * block_tokens_ * kv_heads_;
+    for (index_t t = 0; t < k.extent(0); ++t) {
+      const index_t pos = start + t;
+      const index_t block = s.blocks[std::size_t(pos / block_tokens_)];
+      const index_t in_block = pos % block_tokens_;
+      for (index_t g = 0; g < kv_heads_; ++g) {
+        const index_t at_element = block * block_element_stride() + in_block * kv_heads_ * head_dim_ + g * head_dim_;
+        const index_t at_scale = layer * scales_per_layer + (block * block_tokens_ + in_block) * kv_heads_ + g;
+        store_row(&k(t, g, 0), kl + at_element, at_scale, k_scale_);
+        store_row(&v(t, g, 0), vl + at_element, at_scale, v_scale_);
+      }
+    }
+  }
+
+  /// The layout of one sequence in one layer, for the attention kernels:
+  /// readable positions [0, reserved(id)).
+  kv_view<const element_type> view(index_t layer, sequence_id id) const {
+    const sequence& s = at(id, "view");
+    kv_view<const element_type> out;
+    out.k = k_.data() + layer * layer_elements_;
+    out.v = v_.data() + layer * layer_elements_;
+    if constexpr (quantized) {
+      const index_t scales_per_layer = blocks_ * block_tokens_ * kv_heads_;
+      out.k_scale = k_scale_.data() + layer * scales_per_layer;
+      out.v_scale = v_scale_.data() + layer * scales_per_layer;
+    }
+    out.block_table = s.blocks.data();
+    out.block_tokens = block_tokens_;
+    out.block_stride = block_element_stride();
+    out.token_stride = kv_heads_ * head_dim_;
+    out.kv_heads = kv_heads_;
+    out.head_dim = head_dim_;
+    out.capacity = index_t(s.blocks.size()) * block_tokens_;
+    return out;
+  }
+
+  /// Key (or value) element of (layer, sequence, position, kv head, d) as
+  /// float, dequantized: for tests and debugging.
+  float key(index_t layer, sequence_id id, index_t pos, index_t g, index_t d) const { return read(k_, k_scale_, layer, id, pos, g, d); }
+  float value(index_t layer, sequence_id id, index_t pos, index_t g, index_t d) const { return read(v_, v_scale_, layer, id, pos, g, d); }
+
+ private:
+  struct sequence {
+    bool open = false;
+    index_t length = 0;
+    std::vector<std::int32_t> blocks;  // physical block of each logical block
+  };
+
+  index_t block_element_stride() const { return block_elements_; }
+
+  const sequence& at(sequence_id id, const char* what) const {
+    if (id < 0 || std::size_t(id) >= sequences_.size() || !sequences_[std::size_t(id)].open)
+      throw invalid_input(std::string("ctformer::infer::kv_cache::") + what + ": sequence " + std::to_string(id) +
+                          " is not open");
+    return sequences_[std::size_t(id)];
+  }
+  sequence& at(sequence_id id, const char* what) {
+    return const_cast<sequence&>(static_cast<const kv_cache&>(*this).at(id, what));
+  }
+
+  void store_row(const float* x, element_type* dst, index_t scale_index, buffer<float>& scales) {
+    if constexpr (std::is_same_v<element_type, float>) {
+      for (index_t i = 0; i < head_dim_; ++i) dst[i] = x[i];
+    } else if constexpr (std::is_same_v<element_type, bf16>) {
+      for (index_t i = 0; i < head_dim_; ++i) dst[i] = bf16(x[i]);
+    } else {
+      float amax = 0.0f;
+      for (index_t i = 0; i < head_dim_; ++i) amax = std::max(amax, std::fabs(x[i]));
+      const float scale = amax / 127.0f;
+      const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
+      for (index_t i = 0; i < head_dim_; ++i)
+        dst[i] = std::int8_t(std::clamp(int(std::nearbyint(x[i] * inverse)), -127, 127));
+      scales[std::size_t(scale_index)] = scale;
+    }
+  }
+
+  float read(const buffer<element_type>& data, const buffer<float>& scales, index_t layer, sequence_id id,
+             index_t pos, index_t g, index_t d) const {
+    const kv_view<const element_type> kv = view(layer, id);
+    if (pos < 0 || pos >= kv.capacity) throw invalid_input("ctformer::infer::kv_cache: position out of range");
+    const element_type e = *(data.data() + layer * layer_elements_ + kv.offset(pos, g) + d);
+    if constexpr (quantized)
+      return float(e) * scales[std::size_t(layer * blocks_ * block_tokens_ * kv_heads_ + kv.scale_offset(pos, g))];
+    else
+      return float(e);
+  }
+
+  index_t n_layer_, kv_heads_, head_dim_, max_seq_;
+  index_t block_tokens_ = 0, blocks_ = 0, block_elements_ = 0, layer_elements_ = 0;
+  buffer<element_type> k_, v_;
+  buffer<float> k_scale_, v_scale_;  // int8 only
+  std::vector<std::int32_t> free_blocks_;
+  std::vector<sequence> sequences_;
+  std::vector<sequence_id> free_ids_;
+  index_t open_count_ = 0;
+};
+
+}  // namespace ctformer::infer

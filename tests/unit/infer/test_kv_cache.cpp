@@ -1,0 +1,220 @@
+// infer::kv_cache (contiguous and paged; fp32, bf16, int8 elements) and
+// ops::cached_attention over it: block bookkeeping, memory that follows live
+// tokens, pool exhaustion, and attention against a plain two-pass reference.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "ctformer/ctformer.hpp"
+#include "ctformer/infer/kv_cache.hpp"
+#include "../../support/test_support.hpp"
+
+using namespace ctformer;
+
+namespace {
+
+constexpr index_t n_layer = 2, kv_heads = 2, head_dim = 16, heads = 4, max_seq = 80;
+
+// Plain causal attention over fp32 keys and values (T_all, KV, D): softmax
+// with std::exp in double, for positions [start, start + T).
+std::vector<float> reference_attention(const std::vector<float>& q, const std::vector<float>& k,
+                                       const std::vector<float>& v, index_t start, index_t t_len, float scale) {
+  std::vector<float> out(std::size_t(t_len * heads * head_dim));
+  const index_t group = heads / kv_heads;
+  for (index_t t = 0; t < t_len; ++t)
+    for (index_t h = 0; h < heads; ++h) {
+      const index_t g = h / group, n = start + t + 1;
+      std::vector<double> s(static_cast<std::size_t>(n));
+      double m = -1e300, z = 0;
+      for (index_t j = 0; j < n; ++j) {
+        double dot = 0;
+        for (index_t i = 0; i < head_dim; ++i)
+          dot += double(q[std::size_t((t * heads + h) * head_dim + i)]) * k[std::size_t((j * kv_heads + g) * head_dim + i)];
+        s[std::size_t(j)] = dot * scale;
+        m = std::max(m, s[std::size_t(j)]);
+      }
+      for (auto& x : s) z += x = std::exp(x - m);
+      for (index_t i = 0; i < head_dim; ++i) {
+        double acc = 0;
+        for (index_t j = 0; j < n; ++j) acc += s[std::size_t(j)] * v[std::size_t((j * kv_heads + g) * head_dim + i)];
+        out[std::size_t((t * heads + h) * head_dim + i)] = float(acc / z);
+      }
+    }
+  return out;
+}
+
+// Writes keys/values (n, KV, D) of layer 1 into a fresh sequence in chunks,
+// then attends q (T, H, D) at [n - T, n). Returns the output (T, H, D).
+template <class Policy>
+std::vector<float> attend(infer::kv_cache<Policy>& cache, const std::vector<float>& k, const std::vector<float>& v,
+                          const std::vector<float>& q, index_t n, index_t t_len, index_t write_chunk, int threads) {
+  const auto seq = cache.open_sequence();
+  cache.reserve(seq, n);
+  for (index_t s = 0; s < n; s += write_chunk) {
+    const index_t m = std::min(write_chunk, n - s);
+    tensor_view<const float, 3> kk(k.data() + s * kv_heads * head_dim, {m, kv_heads, head_dim});
+    tensor_view<const float, 3> vv(v.data() + s * kv_heads * head_dim, {m, kv_heads, head_dim});
+    cache.write(1, seq, s, kk, vv);
+  }
+  cache.set_length(seq, n);
+  std::vector<float> out(q.size());
+  ops::cached_attention(cpu::par.with_threads(threads), tensor_view<const float, 3>(q.data(), {t_len, heads, head_dim}),
+                        cache.view(1, seq), tensor_view<float, 3>(out.data(), {t_len, heads, head_dim}), n - t_len,
+                        0.25f);
+  cache.close_sequence(seq);
+  return out;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double worst = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(double(a[i]) - double(b[i])));
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("contiguous cache: slots, lengths and errors", "[infer][kv_cache]") {
+  infer::kv_cache<infer::kv::contiguous<float>> cache(n_layer, kv_heads, head_dim, max_seq, 2);
+  CHECK(cache.bytes() == std::size_t(2 * 2 * n_layer * max_seq * kv_heads * head_dim) * sizeof(float));
+  const auto a = cache.open_sequence();
+  const auto b = cache.open_sequence();
+  CHECK(a != b);
+  CHECK(cache.reserved(a) == max_seq);
+  CHECK_THROWS_AS(cache.open_sequence(), infer::cache_exhausted);
+  cache.reserve(a, max_seq);
+  CHECK_THROWS_WITH(cache.reserve(a, max_seq + 1),
+                    Catch::Contains("sequence " + std::to_string(a)) && Catch::Contains("81 positions") &&
+                        Catch::Contains("max_seq of 80"));
+  cache.set_length(a, 10);
+  CHECK(cache.length(a) == 10);
+  CHECK_THROWS_AS(cache.set_length(a, max_seq + 1), invalid_input);
+  cache.close_sequence(b);
+  CHECK_THROWS_AS(cache.length(b), invalid_input);
+  const auto c = cache.open_sequence();  // the freed slot is reused
+  CHECK(cache.length(c) == 0);
+  CHECK_THROWS_AS((infer::kv_cache<infer::kv::contiguous<float>>(0, 1, 1, 1, 1)), invalid_input);
+}
+
+TEST_CASE("paged cache: memory follows live tokens, blocks are reused, exhaustion is a clear error",
+          "[infer][kv_cache]") {
+  // 64 positions in blocks of 16: 4 blocks.
+  infer::kv_cache<infer::kv::paged<16>> cache(n_layer, kv_heads, head_dim, max_seq, 64);
+  CHECK(cache.block_count() == 4);
+  CHECK(cache.bytes_in_use() == 0);
+  const std::size_t block = cache.bytes_per_block();
+  CHECK(block == std::size_t(2 * n_layer * 16 * kv_heads * head_dim) * sizeof(float));
+
+  const auto a = cache.open_sequence();
+  CHECK(cache.bytes_in_use() == 0);  // no positions yet, no blocks
+  cache.reserve(a, 1);
+  CHECK(cache.bytes_in_use() == block);
+  cache.reserve(a, 16);
+  CHECK(cache.bytes_in_use() == block);
+  cache.reserve(a, 17);
+  CHECK(cache.bytes_in_use() == 2 * block);
+  const auto b = cache.open_sequence();
+  cache.reserve(b, 32);
+  CHECK(cache.free_block_count() == 0);
+  CHECK(cache.bytes_in_use() == 4 * block);
+
+  // All or nothing: a failed reserve takes no blocks, and names the sequence, the ask and the pool.
+  CHECK_THROWS_AS(cache.reserve(a, 33), infer::cache_exhausted);
+  CHECK_THROWS_WITH(cache.reserve(a, 33), Catch::Contains("sequence " + std::to_string(a)) &&
+                                               Catch::Contains("33 positions") && Catch::Contains("pool of 64"));
+  CHECK(cache.reserved(a) == 32);
+
+  const std::vector<std::int32_t> blocks_of_b = cache.block_table(b);
+  cache.close_sequence(b);
+  CHECK(cache.bytes_in_use() == 2 * block);
+  const auto c = cache.open_sequence();
+  cache.reserve(c, 20);
+  // c took b's blocks (the pool hands back the most recently freed first).
+  for (std::int32_t blk : cache.block_table(c))
+    CHECK(std::find(blocks_of_b.begin(), blocks_of_b.end(), blk) != blocks_of_b.end());
+  cache.close_sequence(a);
+  cache.close_sequence(c);
+  CHECK(cache.bytes_in_use() == 0);
+  CHECK(cache.free_block_count() == 4);
+}
+
+TEST_CASE("write stores rows exactly (fp32), rounded (bf16), quantized per token and head (int8)",
+          "[infer][kv_cache]") {
+  const auto k = testing::random_floats(std::size_t(5 * kv_heads * head_dim), 1);
+  const auto v = testing::random_floats(std::size_t(5 * kv_heads * head_dim), 2);
+  tensor_view<const float, 3> kk(k.data(), {5, kv_heads, head_dim}), vv(v.data(), {5, kv_heads, head_dim});
+  auto check = [&](auto& cache, double tolerance_rel) {
+    const auto s = cache.open_sequence();
+    cache.reserve(s, 20);
+    cache.write(0, s, 14, kk, vv);  // crosses a block boundary for paged<8>
+    double worst = 0;
+    for (index_t t = 0; t < 5; ++t)
+      for (index_t g = 0; g < kv_heads; ++g)
+        for (index_t d = 0; d < head_dim; ++d) {
+          worst = std::max(worst, std::fabs(double(cache.key(0, s, 14 + t, g, d)) - kk(t, g, d)));
+          worst = std::max(worst, std::fabs(double(cache.value(0, s, 14 + t, g, d)) - vv(t, g, d)));
+        }
+    CHECK(worst <= tolerance_rel);
+    CHECK_THROWS_AS(cache.write(0, s, cache.reserved(s) - 2, kk, vv), invalid_input);  // runs past the reserved positions
+  };
+  infer::kv_cache<infer::kv::paged<8, float>> f32(1, kv_heads, head_dim, 40, 40);
+  check(f32, 0.0);
+  // bf16 keeps 8 significand bits: |error| <= 2^-9 |x| <= 2^-9 for |x| < 1.
+  infer::kv_cache<infer::kv::paged<8, bf16>> b16(1, kv_heads, head_dim, 40, 40);
+  check(b16, 1.0 / 512);
+  // int8: |error| <= scale / 2 = max|row| / 254 <= 1 / 254 for |x| < 1.
+  infer::kv_cache<infer::kv::contiguous<std::int8_t>> i8(1, kv_heads, head_dim, 40, 2);
+  check(i8, 1.0 / 254 + 1e-7);
+}
+
+TEST_CASE("cached attention matches a two-pass softmax reference; paged equals contiguous bit for bit",
+          "[infer][kv_cache][attention]") {
+  const index_t n = 75, t_len = 7;  // crosses the kernel's 64-key tiles and several 16-position blocks
+  const auto k = testing::random_floats(std::size_t(n * kv_heads * head_dim), 3, -2.0f, 2.0f);
+  const auto v = testing::random_floats(std::size_t(n * kv_heads * head_dim), 4);
+  const auto q = testing::random_floats(std::size_t(t_len * heads * head_dim), 5, -2.0f, 2.0f);
+  const auto expected = reference_attention(q, k, v, n - t_len, t_len, 0.25f);
+
+  infer::kv_cache<infer::kv::contiguous<float>> contiguous(n_layer, kv_heads, head_dim, max_seq, 1);
+  infer::kv_cache<infer::kv::paged<16, float>> paged(n_layer, kv_heads, head_dim, max_seq, 160);
+  infer::kv_cache<infer::kv::paged<16, float>> paged_fragmented(n_layer, kv_heads, head_dim, max_seq, 160);
+  // Fragment the pool so the block table is not the identity.
+  const auto filler = paged_fragmented.open_sequence();
+  paged_fragmented.reserve(filler, 40);
+  const auto out_c = attend(contiguous, k, v, q, n, t_len, n, 1);
+  const auto out_p = attend(paged, k, v, q, n, t_len, 5, 2);
+  const auto out_f = attend(paged_fragmented, k, v, q, n, t_len, 75, 2);
+
+  // fp32 online softmax vs double reference: rounding of 75-term dot products
+  // and sums of values in [-1, 1], and the 2-ulp vector exp: well under 1e-5.
+  CHECK(max_abs_diff(out_c, expected) < 1e-5);
+  // Same tiles, same order, same arithmetic whatever the block layout and thread count.
+  CHECK(out_c == out_p);
+  CHECK(out_c == out_f);
+
+  // bf16 keys and values: each element within 2^-9 relative, so scores shift
+  // by at most |q| |k| 2^-9 ~ 0.03 here; outputs (convex combinations of values
+  // in [-1, 1]) move by well under 2e-2.
+  infer::kv_cache<infer::kv::paged<16, bf16>> b16(n_layer, kv_heads, head_dim, max_seq, 96);
+  CHECK(max_abs_diff(attend(b16, k, v, q, n, t_len, 8, 2), expected) < 2e-2);
+  // int8: each element within max|row| / 254 (~0.008 for keys in [-2, 2]): a
+  // coarser but similar shift, bounded by 3e-2.
+  infer::kv_cache<infer::kv::paged<16, std::int8_t>> i8(n_layer, kv_heads, head_dim, max_seq, 96);
+  CHECK(max_abs_diff(attend(i8, k, v, q, n, t_len, 8, 2), expected) < 3e-2);
+}
+
+TEST_CASE("cached attention rejects shapes that do not fit the cache", "[infer][kv_cache][attention]") {
+  infer::kv_cache<infer::kv::paged<16>> cache(n_layer, kv_heads, head_dim, max_seq, 64);
+  const auto s = cache.open_sequence();
+  cache.reserve(s, 16);
+  std::vector<float> q(std::size_t(2 * heads * head_dim)), out(q.size());
+  tensor_view<const float, 3> qv(q.data(), {2, heads, head_dim});
+  tensor_view<float, 3> ov(out.data(), {2, heads, head_dim});
+  CHECK_THROWS_AS(ops::cached_attention(cpu::par, qv, cache.view(0, s), ov, 15, 1.0f), shape_error);  // past reserved
+  std::vector<float> q3(std::size_t(2 * 3 * head_dim)), o3(q3.size());
+  CHECK_THROWS_AS(ops::cached_attention(cpu::par, tensor_view<const float, 3>(q3.data(), {2, 3, head_dim}),
+                                        cache.view(0, s), tensor_view<float, 3>(o3.data(), {2, 3, head_dim}), 0, 1.0f),
+                  shape_error);  // 2 kv heads do not divide 3 query heads
+}
