@@ -12,6 +12,16 @@
 #include <immintrin.h>
 #endif
 
+// CTFORMER_GEMM_UNROLL(n): unroll the next loop n times (g++ and clang).
+// nvcc's front end, which reads these headers when a .cu file includes
+// ctformer.hpp, does not know the pragma, so there it is left out.
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define CTFORMER_GEMM_PRAGMA(text) _Pragma(#text)
+#define CTFORMER_GEMM_UNROLL(n) CTFORMER_GEMM_PRAGMA(GCC unroll n)
+#else
+#define CTFORMER_GEMM_UNROLL(n)
+#endif
+
 // Vocabulary used in every GEMM file (GotoBLAS / BLIS names, kept because every
 // paper and library uses them):
 //   mr x nr  the register tile: the micro-kernel keeps an mr-row, nr-column block
@@ -57,11 +67,11 @@ struct gemm_kernel_f32_avx512 {
   static void run(index_t k_steps, const float* __restrict a, const float* __restrict b, float* __restrict c,
                   index_t ldc, float alpha, float beta) {
     __m512 acc[mr][2];
-#pragma GCC unroll 12
+CTFORMER_GEMM_UNROLL(12)
     for (int i = 0; i < mr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (index_t p = 0; p < k_steps; ++p) {
       const __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-#pragma GCC unroll 12
+CTFORMER_GEMM_UNROLL(12)
       for (int i = 0; i < mr; ++i) {
         const __m512 ai = _mm512_set1_ps(a[i]);
         acc[i][0] = _mm512_fmadd_ps(ai, b0, acc[i][0]);
@@ -76,14 +86,14 @@ struct gemm_kernel_f32_avx512 {
   static void store(__m512 (&acc)[mr][2], float* c, index_t ldc, float alpha, float beta) {
     const __m512 va = _mm512_set1_ps(alpha);
     if (beta == 0.0f) {
-#pragma GCC unroll 12
+CTFORMER_GEMM_UNROLL(12)
       for (int i = 0; i < mr; ++i) {
         _mm512_storeu_ps(c + i * ldc, _mm512_mul_ps(va, acc[i][0]));
         _mm512_storeu_ps(c + i * ldc + 16, _mm512_mul_ps(va, acc[i][1]));
       }
     } else {
       const __m512 vb = _mm512_set1_ps(beta);
-#pragma GCC unroll 12
+CTFORMER_GEMM_UNROLL(12)
       for (int i = 0; i < mr; ++i) {
         float* row = c + i * ldc;
         _mm512_storeu_ps(row, _mm512_fmadd_ps(va, acc[i][0], _mm512_mul_ps(vb, _mm512_loadu_ps(row))));
@@ -111,13 +121,13 @@ struct gemm_kernel_bf16_avx512 {
   static void run(index_t k_steps, const bf16* __restrict a, const bf16* __restrict b, float* __restrict c,
                   index_t ldc, float alpha, float beta) {
     __m512 acc[mr][2];
-#pragma GCC unroll 12
+CTFORMER_GEMM_UNROLL(12)
     for (int i = 0; i < mr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (index_t p = 0; p < k_steps; ++p) {
       // 32 columns x 2 k values of B: two zmm of 16 bf16 pairs each.
       const __m512bh b0 = (__m512bh)_mm512_load_si512(reinterpret_cast<const void*>(b));
       const __m512bh b1 = (__m512bh)_mm512_load_si512(reinterpret_cast<const void*>(b + 32));
-#pragma GCC unroll 12
+CTFORMER_GEMM_UNROLL(12)
       for (int i = 0; i < mr; ++i) {
         // The pair a(i, k), a(i, k+1) as one 32-bit value, broadcast to all 16 lanes.
         std::int32_t pair;
@@ -152,18 +162,18 @@ struct gemm_kernel_f32_avx2 {
   static void run(index_t k_steps, const float* __restrict a, const float* __restrict b, float* __restrict c,
                   index_t ldc, float alpha, float beta) {
     __m256 acc[mr][2];
-#pragma GCC unroll 6
+CTFORMER_GEMM_UNROLL(6)
     for (int i = 0; i < mr; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     // C is written once at the end; ask for its lines now so the stores do not wait.
-#pragma GCC unroll 6
+CTFORMER_GEMM_UNROLL(6)
     for (int i = 0; i < mr; ++i) {
       _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + nr - 1), _MM_HINT_T0);
     }
-#pragma GCC unroll 4
+CTFORMER_GEMM_UNROLL(4)
     for (index_t p = 0; p < k_steps; ++p) {
       const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-#pragma GCC unroll 6
+CTFORMER_GEMM_UNROLL(6)
       for (int i = 0; i < mr; ++i) {
         const __m256 ai = _mm256_broadcast_ss(a + i);
         acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
@@ -174,14 +184,14 @@ struct gemm_kernel_f32_avx2 {
     }
     const __m256 va = _mm256_set1_ps(alpha);
     if (beta == 0.0f) {
-#pragma GCC unroll 6
+CTFORMER_GEMM_UNROLL(6)
       for (int i = 0; i < mr; ++i) {
         _mm256_storeu_ps(c + i * ldc, _mm256_mul_ps(va, acc[i][0]));
         _mm256_storeu_ps(c + i * ldc + 8, _mm256_mul_ps(va, acc[i][1]));
       }
     } else {
       const __m256 vb = _mm256_set1_ps(beta);
-#pragma GCC unroll 6
+CTFORMER_GEMM_UNROLL(6)
       for (int i = 0; i < mr; ++i) {
         float* row = c + i * ldc;
         _mm256_storeu_ps(row, _mm256_fmadd_ps(va, acc[i][0], _mm256_mul_ps(vb, _mm256_loadu_ps(row))));

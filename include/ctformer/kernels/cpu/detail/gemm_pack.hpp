@@ -10,6 +10,7 @@
 
 #include "ctformer/core/number_types.hpp"
 #include "ctformer/core/tensor_view.hpp"
+#include "ctformer/kernels/cpu/detail/gemm_microkernel.hpp"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -179,7 +180,7 @@ void gemm_pack(Out* __restrict dst, const In* __restrict src, index_t lanes, ind
           Out* to = panel + k * Panel;
           for (index_t lane = 0; lane < Panel; ++lane) {
             const In* from = panel_src + lane * lane_stride + k;
-#pragma GCC unroll 8
+CTFORMER_GEMM_UNROLL(8)
             for (index_t kk = 0; kk < 8; ++kk) to[kk * Panel + lane] = gemm_pack_convert<Out>(from[kk]);
           }
         }
