@@ -51,7 +51,7 @@ struct bytes_config : nanogpt_cpu_config {
 
 struct options {
   std::string data, preset, precision = "fp32", save, resume, metrics, summary_json, prompt = "\n";
-  std::int64_t steps = -1, warmup = -1, eval_every = -1, checkpoint_every = 0;
+  std::int64_t steps = -1, warmup = -1, eval_every = -1, checkpoint_every = 0, stop_after = 0;
   index_t batch_size = -1, sequence_length = -1;
   int accumulation = 1, eval_batches = 20, threads = 0, sample_tokens = 300, digits = 3;
   float lr = -1, min_lr = -1, weight_decay = 0.1f, beta2 = 0.99f, clip = 1.0f, temperature = 0.8f;
@@ -226,7 +226,8 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
   double tokens_per_s_sum = 0;
   int timed_steps = 0;
   try {
-    trainer.run(o.steps, sample, heldout, [&](const train::step_metrics& m) {
+    const std::int64_t last_step = o.stop_after > 0 ? std::min(o.steps, o.stop_after) : o.steps;
+    trainer.run(last_step, sample, heldout, [&](const train::step_metrics& m) {
       last = m;
       if (m.step > 5) {  // the first steps warm caches and grow buffers
         tokens_per_s_sum += m.tokens_per_s;
@@ -331,6 +332,8 @@ int main(int argc, char** argv) {
   app.add_option("--digits", o.digits, "Operand digits of the addition task (1-4 fit the addition preset)");
   app.add_option("--save", o.save, "Write the final checkpoint here (atomically)");
   app.add_option("--checkpoint-every", o.checkpoint_every, "Also write --save every N steps");
+  app.add_option("--stop-after", o.stop_after, "Stop after this many steps, keeping the schedule of --steps "
+                                              "(to resume later)");
   app.add_option("--resume", o.resume, "Continue from this checkpoint (bit-identical to an uninterrupted run)");
   app.add_option("--metrics", o.metrics, "Append per-step metrics here as JSON Lines");
   app.add_option("--summary-json", o.summary_json, "Write the final figures here as one JSON object");
