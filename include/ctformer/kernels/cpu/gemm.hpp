@@ -1,6 +1,7 @@
 // CPU GEMM: c = alpha * a b + beta * c for fp32 and bf16 inputs (fp32
 // accumulation), packed and cache-blocked in the GotoBLAS / BLIS way, on the
-// OpenMP threads of a cpu::par_t. Micro-kernels and packing live in detail/.
+// OpenMP threads of a cpu::par_t. The micro-kernels, packing and the path for
+// a few rows live in detail/gemm_*.hpp; docs/performance.md has the figures.
 #pragma once
 
 #include <algorithm>
