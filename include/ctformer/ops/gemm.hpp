@@ -1,11 +1,33 @@
 // ops::gemm and ops::gemm_batched: C = alpha * A B + beta * C, on any policy.
 #pragma once
 
+#if defined(CTFORMER_PROFILE_GEMM)
+#include <chrono>
+#endif
+
 #include "ctformer/core/error.hpp"
 #include "ctformer/exec/execution_policy.hpp"
 #include "ctformer/ops/view_traits.hpp"
 
 namespace ctformer::ops {
+
+#if defined(CTFORMER_PROFILE_GEMM)
+/// Seconds spent inside gemm and gemm_batched since the program started (or
+/// the counter was reset). Compiled in only with CTFORMER_PROFILE_GEMM, which
+/// the training benchmark defines to report the share of a step in GEMM.
+inline double gemm_profile_seconds = 0.0;
+namespace detail {
+struct gemm_profile_scope {
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  ~gemm_profile_scope() {
+    gemm_profile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+};
+}  // namespace detail
+#define CTFORMER_GEMM_PROFILE_SCOPE ::ctformer::ops::detail::gemm_profile_scope ctformer_gemm_profile_scope_
+#else
+#define CTFORMER_GEMM_PROFILE_SCOPE
+#endif
 
 /// c = alpha * a @ b + beta * c, accumulated in fp32.
 /// a: (M, K), b: (K, N), c: (M, N). a and b may each be row-major or
@@ -20,6 +42,7 @@ void gemm(const P& exec, const A& a, const B& b, const C& c, float alpha = 1.0f,
   require_same_extent("gemm", "c", c, 0, "a", a, 0);
   require_same_extent("gemm", "c", c, 1, "b", b, 1);
   if constexpr (requires { gemm_impl(exec, as_const(a), as_const(b), c, alpha, beta); }) {
+    CTFORMER_GEMM_PROFILE_SCOPE;
     gemm_impl(exec, as_const(a), as_const(b), c, alpha, beta);
   } else {
     static_assert(dependent_false<P, A, B>,
@@ -39,6 +62,7 @@ void gemm_batched(const P& exec, const A& a, const B& b, const C& c, float alpha
   require_same_extent("gemm_batched", "c", c, 1, "a", a, 1);
   require_same_extent("gemm_batched", "c", c, 2, "b", b, 2);
   if constexpr (requires { gemm_batched_impl(exec, as_const(a), as_const(b), c, alpha, beta); }) {
+    CTFORMER_GEMM_PROFILE_SCOPE;
     gemm_batched_impl(exec, as_const(a), as_const(b), c, alpha, beta);
   } else {
     static_assert(dependent_false<P, A, B>,
