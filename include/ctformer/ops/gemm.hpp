@@ -6,6 +6,7 @@
 #endif
 
 #include "ctformer/core/error.hpp"
+#include "ctformer/core/fixed_view.hpp"
 #include "ctformer/exec/execution_policy.hpp"
 #include "ctformer/ops/view_traits.hpp"
 
@@ -68,6 +69,19 @@ void gemm_batched(const P& exec, const A& a, const B& b, const C& c, float alpha
     static_assert(dependent_false<P, A, B>,
                   "ctformer: gemm_batched has no implementation for this execution policy and these number types");
   }
+}
+
+/// gemm on views with compile-time extents: a shape mismatch is a compile
+/// error naming the rule, not a run-time shape_error.
+/// a: (M, K), b: (K, N), c: (M, N), all row-major.
+template <execution_policy P, class TA, index_t M, index_t K, class TB, index_t KB, index_t N, class TC, index_t MC,
+          index_t NC>
+void gemm(const P& exec, fixed_view<TA, M, K> a, fixed_view<TB, KB, N> b, fixed_view<TC, MC, NC> c,
+          float alpha = 1.0f, float beta = 0.0f) {
+  static_assert(K == KB, "ctformer: gemm: the columns of a (M, K) must equal the rows of b (K, N)");
+  static_assert(MC == M, "ctformer: gemm: c (M, N) must have as many rows as a (M, K)");
+  static_assert(NC == N, "ctformer: gemm: c (M, N) must have as many columns as b (K, N)");
+  gemm(exec, a.view(), b.view(), c.view(), alpha, beta);
 }
 
 }  // namespace ctformer::ops

@@ -50,3 +50,17 @@ TEST_CASE("operations throw shape_error naming the operation and both shapes", "
   CHECK_THROWS_WITH(ops::gemm(cpu::par, av, bv, cv),
                     "ctformer::gemm: dimension 1 of a must equal dimension 0 of b: a has shape (2, 3), b has shape (4, 2)");
 }
+
+TEST_CASE("fixed_view carries its extents at compile time and works with ops", "[core][fixed_view]") {
+  float a[6] = {1, 2, 3, 4, 5, 6}, b[6] = {1, 0, 0, 1, 1, 1}, c[4] = {};
+  fixed_view<float, 2, 3> av(a);
+  fixed_view<float, 3, 2> bv(b);
+  fixed_view<float, 2, 2> cv(c);
+  static_assert(decltype(av)::size == 6 && decltype(av)::extent(1) == 3);
+  ops::gemm(cpu::par, av, bv, cv);
+  // [1 2 3; 4 5 6] [1 0; 0 1; 1 1] = [4 5; 10 11], exact in float
+  CHECK(c[0] == 4.0f);
+  CHECK(c[1] == 5.0f);
+  CHECK(c[2] == 10.0f);
+  CHECK(c[3] == 11.0f);
+}
