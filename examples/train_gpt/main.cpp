@@ -67,8 +67,8 @@ void apply_preset_defaults(options& o) {
   if (o.preset == "addition") {
     set(o.steps, 1500);
     set(o.batch_size, 64);
-    set(o.lr, 2e-3f);
-    set(o.min_lr, 2e-4f);
+    set(o.lr, 3e-3f);
+    set(o.min_lr, 3e-4f);
     set(o.warmup, 100);
     set(o.eval_every, 250);
   } else {  // nanogpt-cpu and bytes: nanoGPT's train_shakespeare_char settings for the CPU
