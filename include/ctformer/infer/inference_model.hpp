@@ -58,6 +58,10 @@ class inference_model {
   static constexpr bool rotary = std::is_same_v<typename Cfg::position, nn::rope>;
   static constexpr bool layer_norm = std::is_same_v<typename Cfg::norm, nn::layer_norm>;
 
+  /// Chunks of at least this many tokens dequantize a packed matrix whole and
+  /// use the fp32 GEMM; shorter ones use the packed-weight GEMM.
+  static constexpr index_t dequantize_min_tokens = 16;
+
   /// The default (and largest default) prefill chunk.
   static constexpr index_t default_max_chunk = std::min<index_t>(max_seq, 256);
 
@@ -256,6 +260,11 @@ class inference_model {
     rstd_ = carve(t);
     logits_ = tensor_view<float, 1>(carve(vocab), {vocab});
     ids_ = buffer<std::int32_t>(std::size_t(2 * t), 0);
+    if constexpr (!std::is_same_v<Format, quant::fp32>) {
+      if (t >= dequantize_min_tokens)
+        weight_scratch_ = buffer<float>(std::size_t(std::max({traits::qkv_width * d_model, d_model * d_model,
+                                                              traits::up_width * d_model, d_model * d_ff})));
+    }
   }
 
   void build_rope_tables() {
@@ -299,10 +308,22 @@ class inference_model {
   // token, the tiled packed GEMM for a chunk.
   void linear(const quant::packed_matrix<Format>& w, tensor_view<const float, 2> x, tensor_view<float, 2> y,
               tensor_view<float, 1> bias) {
-    if (x.extent(0) == 1)
+    if (x.extent(0) == 1) {
       ops::quantized_gemv(exec_, w, x[0], y[0]);
-    else
+    } else if constexpr (std::is_same_v<Format, quant::fp32>) {
+      // fp32 rows are a plain (out, in) matrix: the packed, blocked fp32 GEMM
+      // beats the packed-weight GEMM's small 4 x 3 micro-kernel here.
+      const tensor_view<const float, 2> weights(reinterpret_cast<const float*>(w.data()), {w.rows(), w.cols()});
+      ops::gemm(exec_, x, weights.transposed(), y);
+    } else if (x.extent(0) >= dequantize_min_tokens) {
+      // A long chunk: dequantize the whole matrix once into scratch (cheap
+      // next to T dot products per weight) and run the blocked fp32 GEMM.
+      const tensor_view<float, 2> weights(weight_scratch_.data(), {w.rows(), w.cols()});
+      ops::dequantize(exec_, w, weights);
+      ops::gemm(exec_, x, as_const(weights).transposed(), y);
+    } else {
       ops::quantized_gemm(exec_, w, x, y);
+    }
     if constexpr (traits::bias) ops::add_bias(exec_, y, as_const(bias));
   }
 
@@ -398,6 +419,7 @@ class inference_model {
         *up_ = nullptr, *activation_ = nullptr, *mean_ = nullptr, *rstd_ = nullptr;
   tensor_view<float, 1> logits_;  // (V)
   buffer<std::int32_t> ids_;      // token ids, then positions: (2 * max_chunk)
+  buffer<float> weight_scratch_;  // one block linear dequantized, for long chunks (packed formats only)
 };
 
 }  // namespace ctformer::infer

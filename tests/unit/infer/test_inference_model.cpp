@@ -168,6 +168,11 @@ TEMPLATE_TEST_CASE("q8_0 and q4_0 weights stay within stated tolerances of fp32"
   CHECK(e4 < 0.35);
   CHECK(eb < 1e-2);
   CHECK(e8 < e4);
+  // A 20-token prompt in chunks of 16 takes the dequantize-then-fp32-GEMM
+  // path for the first chunk: same weights, same bounds.
+  const auto reference_long = cached_logits(f32, cf, tokens, 20, 16);
+  CHECK(testing::rms_error(cached_logits(q8, c8, tokens, 20, 16), reference_long) < 4e-2);
+  CHECK(testing::rms_error(cached_logits(q4, c4, tokens, 20, 16), reference_long) < 0.35);
   CHECK(q4.weight_bytes() < q8.weight_bytes());
   CHECK(q8.weight_bytes() < b16.weight_bytes());
 }
