@@ -10,7 +10,11 @@
 #include <tuple>
 #include <vector>
 
-#include "ctformer/ctformer.hpp"
+// Only the layers every test needs (the umbrella ctformer.hpp would make
+// each test program parse the whole library).
+#include "ctformer/core/core.hpp"
+#include "ctformer/exec/exec.hpp"
+#include "ctformer/ops/ops.hpp"
 
 namespace ctformer::testing {
 

@@ -1,7 +1,9 @@
 // tensor_view and buffer: extents, strides, transposes, and the shape errors.
 #include <catch2/catch.hpp>
 
-#include "ctformer/ctformer.hpp"
+#include "ctformer/core/core.hpp"
+#include "ctformer/exec/exec.hpp"
+#include "ctformer/ops/ops.hpp"
 
 using namespace ctformer;
 
