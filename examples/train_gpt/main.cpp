@@ -16,6 +16,7 @@
 #include <optional>
 #include <string>
 
+#include "../common/presets.hpp"
 #include "ctformer/ctformer.hpp"
 #include "ctformer/infer/sampler.hpp"
 #include "ctformer/io/model_checkpoint.hpp"
@@ -29,25 +30,10 @@ using namespace ctformer;
 
 namespace {
 
-// The embedded task's model: 2 blocks of width 128; 13 symbols padded to 16.
-struct addition_config {
-  static constexpr int vocab = 16, d_model = 128, n_layer = 2, n_head = 4, n_kv_head = 4, d_ff = 512, max_seq = 16;
-  using norm = nn::layer_norm;
-  using activation = nn::gelu;
-  using position = nn::learned_position;
-};
-// nanoGPT's CPU configuration (4 layers, 4 heads, width 128, context 64) over
-// tiny Shakespeare's 65 characters.
-struct nanogpt_cpu_config {
-  static constexpr int vocab = 65, d_model = 128, n_layer = 4, n_head = 4, n_kv_head = 4, d_ff = 512, max_seq = 64;
-  using norm = nn::layer_norm;
-  using activation = nn::gelu;
-  using position = nn::learned_position;
-};
-// The same shape over raw bytes, for text with more than 65 distinct characters.
-struct bytes_config : nanogpt_cpu_config {
-  static constexpr int vocab = 256;
-};
+// The compiled model configurations, shared with quantize, eval_perplexity and generate.
+using examples::addition_config;
+using examples::bytes_config;
+using examples::nanogpt_cpu_config;
 
 struct options {
   std::string data, preset, precision = "fp32", save, resume, metrics, summary_json, prompt = "\n";

@@ -5,3 +5,4 @@
 #include "ctformer/ops/ops.hpp"
 #include "ctformer/quant/formats.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
+#include "ctformer/quant/sparse_formats.hpp"

@@ -14,4 +14,5 @@
 #include "ctformer/kernels/cpu/quantize.hpp"
 #include "ctformer/kernels/cpu/rope.hpp"
 #include "ctformer/kernels/cpu/softmax.hpp"
+#include "ctformer/kernels/cpu/sparse_gemv.hpp"
 #include "ctformer/kernels/cpu/swiglu.hpp"
