@@ -2,6 +2,7 @@
 # The test suite: installs dependencies, builds and runs every CPU test in the
 # native build, the kernel tests again in the portable (no SIMD flags) build,
 # compiles the AVX-512 kernel tests (and runs them where the CPU has AVX-512),
+# runs the bad-input tests under AddressSanitizer and UBSan,
 # compiles every CUDA source for sm_80 and sm_90 (and runs the CUDA tests
 # where a GPU is present), and builds examples/consumer against an installed
 # ctformer.
@@ -33,6 +34,15 @@ if grep -q -w avx512f /proc/cpuinfo && grep -q -w avx512_bf16 /proc/cpuinfo; the
 else
   echo "   this CPU has no AVX-512 (BF16): the AVX-512 tests were compiled, not run"
 fi
+
+echo "== AddressSanitizer + UBSan: the tests that feed bad input (io, infer, quant, compress, train)"
+cmake -S . -B "$build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTFORMER_ARCH=native -DCTFORMER_SANITIZE=ON \
+  -DCTFORMER_ENABLE_CUDA=OFF -DCTFORMER_BUILD_BENCHMARKS=OFF -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
+sanitize_targets=$(cd tests/unit && ls io/test_*.cpp infer/test_*.cpp quant/test_*.cpp compress/test_*.cpp \
+  train/test_*.cpp 2>/dev/null | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')
+cmake --build "$build-sanitize" -j "$jobs" --target $sanitize_targets
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  ctest --test-dir "$build-sanitize" --output-on-failure -j "$jobs" -R "^($(echo $sanitize_targets | tr ' ' '|'))$"
 
 if command -v nvcc >/dev/null; then
   echo "== CUDA build: every .cu for sm_80 and sm_90"

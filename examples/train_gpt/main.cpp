@@ -43,6 +43,7 @@ struct options {
   float lr = -1, min_lr = -1, weight_decay = 0.1f, beta2 = 0.99f, clip = 1.0f, temperature = 0.8f;
   std::uint64_t seed = 1337, model_seed = 0;
   bool quiet = false;
+  int decay_embeddings = -1;  // -1: the preset decides
 };
 
 // Fills the defaults each preset wants for whatever the command line left unset.
@@ -57,7 +58,9 @@ void apply_preset_defaults(options& o) {
     set(o.min_lr, 3e-4f);
     set(o.warmup, 100);
     set(o.eval_every, 250);
+    set(o.decay_embeddings, 0);
   } else {  // nanogpt-cpu and bytes: nanoGPT's train_shakespeare_char settings for the CPU
+    set(o.decay_embeddings, 1);  // nanoGPT decays every 2-D tensor, the (tied) embedding included
     set(o.steps, 2000);
     set(o.batch_size, 12);
     set(o.sequence_length, 64);
@@ -164,6 +167,7 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
   settings.eval_every = o.eval_every;
   settings.eval_batches = o.eval_batches;
   settings.seed = o.seed;
+  settings.decay_embeddings = o.decay_embeddings > 0;
   train::trainer<model_type, train::adamw<cpu::par_t>, Precision, cpu::par_t> trainer(model, optimizer, schedule,
                                                                                     settings);
   io::training_state state;
@@ -309,6 +313,8 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", o.warmup, "Linear warm-up steps");
   app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay (matrices only)");
   app.add_option("--beta2", o.beta2, "AdamW beta2");
+  app.add_option("--decay-embeddings", o.decay_embeddings,
+                 "1: weight decay on embeddings too (default for text, as nanoGPT), 0: matrices only");
   app.add_option("--clip", o.clip, "Clip the gradient's global norm to this (0: off)");
   app.add_option("--eval-every", o.eval_every, "Held-out loss every N steps");
   app.add_option("--eval-batches", o.eval_batches, "Held-out batches per evaluation");

@@ -153,8 +153,11 @@ class model {
   /// Parameter tensors as named views (token_embedding, blocks[l].qkv_weight, ...).
   model_tensors<Cfg>& weights() { return params_; }
   model_tensors<Cfg>& weight_gradients() { return grads_; }
-  /// The elements that receive weight decay (matrices; everything when decay_all).
-  std::vector<parameter_range> decay_ranges(bool decay_all = false) const { return nn::decay_ranges(table_, decay_all); }
+  /// The elements that receive weight decay: matrices, plus embeddings when
+  /// decay_embeddings, everything when decay_all.
+  std::vector<parameter_range> decay_ranges(bool decay_all = false, bool decay_embeddings = false) const {
+    return nn::decay_ranges(table_, decay_all, decay_embeddings);
+  }
 
   void zero_gradients() { ops::fill(exec_, gradients(), 0.0f); }
 

@@ -49,12 +49,15 @@ class parameter_layout {
   index_t total_ = 0;
 };
 
-/// The weight-decay ranges of a table: matrices decay; norms, biases and
-/// embeddings do not unless decay_all (nanoGPT and most recipes skip them).
-inline std::vector<parameter_range> decay_ranges(const std::vector<parameter_info>& table, bool decay_all = false) {
+/// The weight-decay ranges of a table: matrices decay; norms and biases do
+/// not unless decay_all; embeddings only with decay_embeddings (nanoGPT
+/// decays every 2-D tensor, embeddings included; many recipes do not).
+inline std::vector<parameter_range> decay_ranges(const std::vector<parameter_info>& table, bool decay_all = false,
+                                                 bool decay_embeddings = false) {
   std::vector<parameter_range> ranges;
   for (const auto& p : table) {
-    const bool decay = decay_all || p.kind == parameter_kind::matrix;
+    const bool decay = decay_all || p.kind == parameter_kind::matrix ||
+                       (decay_embeddings && p.kind == parameter_kind::embedding);
     if (!ranges.empty() && ranges.back().decay == decay && ranges.back().offset + ranges.back().size == p.offset)
       ranges.back().size += p.size();
     else

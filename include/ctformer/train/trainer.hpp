@@ -44,6 +44,7 @@ struct trainer_settings {
   std::int64_t eval_every = 100;  ///< held-out loss every N steps (and at the last); 0 disables
   int eval_batches = 20;          ///< held-out batches per evaluation
   std::uint64_t seed = 1337;      ///< data-sampling RNG seed
+  bool decay_embeddings = false;  ///< weight decay on embedding tables too (nanoGPT does; norms and biases never)
 };
 
 /// A function filling one batch: f(rng, inputs (B, T), targets (B, T)).
@@ -83,7 +84,7 @@ class trainer {
     if (settings.sequence_length > Model::max_seq)
       throw invalid_input("ctformer::train::trainer: sequence_length " + std::to_string(settings.sequence_length) +
                           " exceeds the model's max_seq " + std::to_string(Model::max_seq));
-    ranges_ = model_.decay_ranges(optimizer_.config().decay_all);
+    ranges_ = model_.decay_ranges(optimizer_.config().decay_all, settings.decay_embeddings);
   }
 
   /// One optimizer step over accumulation_steps micro-batches from `sample`.
