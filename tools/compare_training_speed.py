@@ -91,10 +91,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bench", default="build/bench/bench_train_step")
     parser.add_argument("--filter", default="", help="benchmark_filter for bench_train_step")
+    parser.add_argument("--skip-bf16-torch", action="store_true",
+                        help="skip PyTorch bf16 autocast (emulated, very slow on CPUs without AVX512_BF16)")
     args = parser.parse_args()
     run = subprocess.run([args.bench, "--benchmark_format=json", f"--benchmark_filter={args.filter}"],
                          capture_output=True, text=True, check=True)
-    rows = []
+    print(f"{'configuration':24} {'prec':5} {'thr':>3} {'ctformer tok/s':>15} {'PyTorch tok/s':>14} {'ratio':>6} {'GEMM share':>10}",
+          flush=True)
     for b in json.loads(run.stdout)["benchmarks"]:
         # name: train_step<nanogpt_cpu, train::fp32>/2/...
         inside = b["name"].split("<")[1].split(">")[0]
@@ -102,11 +105,13 @@ def main():
         precision = "bf16" if "bf16" in precision else "fp32"
         threads = int(b["name"].split("/")[1])
         ours = b["tokens/s"]
+        share = b.get("gemm_share", math.nan)
+        if precision == "bf16" and args.skip_bf16_torch:
+            print(f"{config:24} {precision:5} {threads:3d} {ours:15.0f} {'-':>14} {'-':>6} {share:10.2f}", flush=True)
+            continue
         theirs = torch_tokens_per_s(config, threads, precision)
-        rows.append((config, precision, threads, ours, theirs, b.get("gemm_share", math.nan)))
-    print(f"{'configuration':24} {'prec':5} {'thr':>3} {'ctformer tok/s':>15} {'PyTorch tok/s':>14} {'ratio':>6} {'GEMM share':>10}")
-    for config, precision, threads, ours, theirs, share in rows:
-        print(f"{config:24} {precision:5} {threads:3d} {ours:15.0f} {theirs:14.0f} {ours / theirs:6.2f} {share:10.2f}")
+        print(f"{config:24} {precision:5} {threads:3d} {ours:15.0f} {theirs:14.0f} {ours / theirs:6.2f} {share:10.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":
