@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "ctformer/core/kv_view.hpp"
 #include "ctformer/kernels/cpu/detail/vector_math.hpp"
@@ -83,69 +84,98 @@ inline void axpy_kv(float alpha, const E* row, float* acc, index_t d) {
   for (; i < d; ++i) acc[i] += alpha * to_float(row[i]);
 }
 
-/// One query row against positions [0, n_keys) of kv head g: out = softmax(q k^T * scale) v.
-template <class E>
-void cached_attention_row(const float* q, const kv_view<const E>& kv, index_t g, index_t n_keys, float scale,
-                          float* out) {
-  constexpr bool quantized = std::is_same_v<E, std::int8_t>;
-  const index_t d = kv.head_dim;
-  alignas(64) float acc[cached_attention_max_head_dim];
-  alignas(64) float s[cached_attention_tile];
-  const E* rows_k[cached_attention_tile];
-  const E* rows_v[cached_attention_tile];
-  float scales_v[cached_attention_tile];
-  for (index_t i = 0; i < d; ++i) acc[i] = 0.0f;
-  float running_max = -std::numeric_limits<float>::infinity();
-  float running_sum = 0.0f;
+/// Keys per part of a decode step's key range: the parts are scored on
+/// separate threads and merged. Fixed positions (not a share of the thread
+/// count) so that the result does not depend on how many threads ran.
+inline constexpr index_t cached_attention_part = 256;
 
-  // Tiles are fixed runs of logical positions, whatever the block size, so a
-  // paged and a contiguous cache holding the same values give the same bits.
-  // The (block, offset) cursor walks the block table without a division per key.
-  index_t block = 0, in_block = 0;
-  index_t block_base = index_t(kv.block_table[0]) * kv.block_stride;
+/// The running softmax of heads [h0, h1) of one query over key positions
+/// [k0, k1) of kv_view `kv` (head h reads kv head h / group). On return,
+/// for each head i = h - h0: max[i] is the largest scaled score, sum[i] the sum
+/// of exp(score - max[i]) and acc[i * d ...] the matching exp-weighted sum of
+/// values (not yet divided by sum[i]).
+///
+/// The loop runs over positions and, inside, over heads: a position's keys
+/// for all its kv heads are one contiguous run of the cache, so the cache is
+/// streamed front to back (which the hardware prefetchers follow) instead of
+/// one 128-byte head row per token stride, each of which would wait on DRAM.
+/// Tiles are fixed runs of logical positions, whatever the block size, so a
+/// paged and a contiguous cache holding the same values give the same bits.
+/// scores: room for (h1 - h0) * cached_attention_tile floats.
+template <class E>
+void attend_key_range(const float* q, index_t h0, index_t h1, index_t group, const kv_view<const E>& kv,
+                      index_t k0, index_t k1, float scale, float* max, float* sum, float* acc, float* scores) {
+  constexpr bool quantized = std::is_same_v<E, std::int8_t>;
+  constexpr index_t tile = cached_attention_tile;
+  const index_t d = kv.head_dim, heads = h1 - h0;
+  index_t slot[tile];        // element offset of each position's key/value slot
+  index_t scale_slot[tile];  // int8: index of each position's first scale
+  for (index_t i = 0; i < heads; ++i) {
+    max[i] = -std::numeric_limits<float>::infinity();
+    sum[i] = 0.0f;
+  }
+  for (index_t i = 0; i < heads * d; ++i) acc[i] = 0.0f;
+
+  // A (block, offset) cursor walks the block table without a division per key.
+  index_t block = k0 / kv.block_tokens, in_block = k0 % kv.block_tokens;
   const index_t scale_block_stride = kv.block_stride / d;
-  for (index_t p0 = 0; p0 < n_keys;) {
-    const index_t count = std::min(cached_attention_tile, n_keys - p0);
-    float tile_max = -std::numeric_limits<float>::infinity();
+  for (index_t p0 = k0; p0 < k1;) {
+    const index_t count = std::min(tile, k1 - p0);
     for (index_t j = 0; j < count; ++j) {
       if (in_block == kv.block_tokens) {
         in_block = 0;
-        block_base = index_t(kv.block_table[++block]) * kv.block_stride;
+        ++block;
       }
-      const index_t at = block_base + in_block * kv.token_stride + g * d;
-      rows_k[j] = kv.k + at;
-      rows_v[j] = kv.v + at;
-      float score = dot_kv(q, rows_k[j], d) * scale;
-      if constexpr (quantized) {
-        const index_t so = index_t(kv.block_table[block]) * scale_block_stride + in_block * kv.kv_heads + g;
-        score *= kv.k_scale[so];
-        scales_v[j] = kv.v_scale[so];
-      }
-      s[j] = score;
-      tile_max = std::max(tile_max, score);
+      const index_t physical = index_t(kv.block_table[block]);
+      slot[j] = physical * kv.block_stride + in_block * kv.token_stride;
+      if constexpr (quantized) scale_slot[j] = physical * scale_block_stride + in_block * kv.kv_heads;
       ++in_block;
     }
-    // Rescale what the earlier tiles summed to the new maximum.
-    const float new_max = std::max(running_max, tile_max);
-    if (new_max > running_max && running_sum > 0.0f) {
-      const float correction = std::exp(running_max - new_max);
-      running_sum *= correction;
-      for (index_t i = 0; i < d; ++i) acc[i] *= correction;
+    for (index_t j = 0; j < count; ++j)
+      for (index_t h = h0; h < h1; ++h) {
+        const index_t g = h / group;
+        float score = dot_kv(q + h * d, kv.k + slot[j] + g * d, d) * scale;
+        if constexpr (quantized) score *= kv.k_scale[scale_slot[j] + g];
+        scores[(h - h0) * tile + j] = score;
+      }
+    for (index_t i = 0; i < heads; ++i) {
+      float* s = scores + i * tile;
+      float tile_max = -std::numeric_limits<float>::infinity();
+      for (index_t j = 0; j < count; ++j) tile_max = std::max(tile_max, s[j]);
+      // Rescale what the earlier tiles summed to the new maximum.
+      const float new_max = std::max(max[i], tile_max);
+      if (new_max > max[i] && sum[i] > 0.0f) {
+        const float correction = std::exp(max[i] - new_max);
+        sum[i] *= correction;
+        for (index_t e = 0; e < d; ++e) acc[i * d + e] *= correction;
+      }
+      max[i] = new_max;
+      // Probabilities of the tile (relative to the running maximum), vectorised exp.
+      const kv_vec m = kv_vec::splat(new_max);
+      index_t j = 0;
+      for (; j + kv_vec::width <= count; j += kv_vec::width) vexp(kv_vec::load(s + j) - m).store(s + j);
+      for (; j < count; ++j) s[j] = exp_approx(s[j] - new_max);
+      for (j = 0; j < count; ++j) sum[i] += s[j];
     }
-    running_max = new_max;
-    // Probabilities of the tile (relative to the running maximum), vectorised exp.
-    const kv_vec m = kv_vec::splat(new_max);
-    index_t j = 0;
-    for (; j + kv_vec::width <= count; j += kv_vec::width) vexp(kv_vec::load(s + j) - m).store(s + j);
-    for (; j < count; ++j) s[j] = exp_approx(s[j] - new_max);
-    for (j = 0; j < count; ++j) {
-      running_sum += s[j];
-      axpy_kv(quantized ? s[j] * scales_v[j] : s[j], rows_v[j], acc, d);
-    }
+    for (index_t j = 0; j < count; ++j)
+      for (index_t h = h0; h < h1; ++h) {
+        const index_t g = h / group;
+        float p = scores[(h - h0) * tile + j];
+        if constexpr (quantized) p *= kv.v_scale[scale_slot[j] + g];
+        axpy_kv(p, kv.v + slot[j] + g * d, acc + (h - h0) * d, d);
+      }
     p0 += count;
   }
-  const float inverse = 1.0f / running_sum;
-  for (index_t i = 0; i < d; ++i) out[i] = acc[i] * inverse;
+}
+
+/// Per-thread scratch floats of cached attention, which only grow: slot 0
+/// holds a decode step's partial results (calling thread), slot 1 a task's
+/// running state (every thread, the calling one included).
+inline float* attention_scratch(int slot, std::size_t n) {
+  thread_local std::vector<float> slots[2];
+  std::vector<float>& s = slots[slot];
+  if (s.size() < n) s.resize(n);
+  return s.data();
 }
 
 }  // namespace detail
@@ -154,29 +184,86 @@ void cached_attention_row(const float* q, const kv_view<const E>& kv, index_t g,
 /// cache that already holds their keys and values: query t attends to
 /// positions [0, start + t]. Head h reads kv head h / (H / KV).
 /// q: (T, H, D), out: (T, H, D), unit stride in D; kv: the sequence's layer view.
-/// Work is split over (query, head) pairs, dealt round-robin to the threads so
-/// the long rows at the end of a prefill chunk are shared out evenly.
+///
+/// Work is split into tasks of (query, part of its keys, range of kv heads):
+/// a prefill chunk has queries enough to share out; a decode step (T = 1)
+/// splits its keys into parts of cached_attention_part positions, each
+/// scored separately and merged (flash-decoding), and splits heads when the
+/// parts are fewer than the threads. The split never depends on the thread
+/// count, so neither do the results.
 template <class E>
 void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, const kv_view<const E>& kv,
                            tensor_view<float, 3> out, index_t start, float scale) {
-  const index_t t_len = q.extent(0), heads = q.extent(1);
+  const index_t t_len = q.extent(0), heads = q.extent(1), d = kv.head_dim;
   const index_t group = heads / kv.kv_heads;
-  const index_t tasks = t_len * heads;
-  auto run = [&](index_t task) {
-    const index_t t = task / heads, h = task % heads;
-    detail::cached_attention_row(&q(t, h, 0), kv, h / group, start + t + 1, scale, &out(t, h, 0));
-  };
+  const index_t threads = exec.thread_count();
   // A decode step over a short context is a few microseconds of work: below
   // this many key rows in total, waking the pool costs more than it saves.
-  const index_t key_rows = tasks * (start + t_len);
-  const index_t threads = key_rows < 2048 ? 1 : std::min<index_t>(exec.thread_count(), tasks);
-  if (threads <= 1) {
+  const index_t key_rows = t_len * heads * (start + t_len);
+  const index_t workers = key_rows < 2048 ? 1 : threads;
+  const index_t parts = t_len == 1 ? (start + 1 + detail::cached_attention_part - 1) / detail::cached_attention_part : 1;
+  const index_t splits =
+      std::clamp<index_t>((workers + t_len * parts - 1) / (t_len * parts), 1, kv.kv_heads);
+  const index_t tasks = t_len * parts * splits;
+  // Partial results of the parts of a decode step: (part, head) max and sum,
+  // then (part, head, d) accumulators, then one merge weight per part; a
+  // single part writes out directly.
+  float* partial = parts > 1 ? detail::attention_scratch(0, std::size_t(parts * (heads * (d + 2) + 1))) : nullptr;
+  auto run = [&](index_t task) {
+    const index_t split = task % splits, part = (task / splits) % parts, t = task / (splits * parts);
+    const index_t g0 = kv.kv_heads * split / splits, g1 = kv.kv_heads * (split + 1) / splits;
+    const index_t h0 = g0 * group, h1 = g1 * group, n = h1 - h0;
+    const index_t n_keys = start + t + 1;
+    const index_t k0 = part * detail::cached_attention_part;
+    const index_t k1 = parts > 1 ? std::min(n_keys, k0 + detail::cached_attention_part) : n_keys;
+    float* scratch = detail::attention_scratch(1, std::size_t(n * (d + 2 + detail::cached_attention_tile)));
+    float* max = scratch;
+    float* sum = scratch + n;
+    float* acc = scratch + 2 * n;
+    if (parts > 1) {
+      max = partial + part * heads + h0;
+      sum = partial + parts * heads + part * heads + h0;
+      acc = partial + 2 * parts * heads + (part * heads + h0) * d;
+    }
+    detail::attend_key_range(&q(t, 0, 0), h0, h1, group, kv, k0, k1, scale, max, sum, acc,
+                             scratch + n * (d + 2));
+    if (parts == 1)
+      for (index_t i = 0; i < n; ++i) {
+        const float inverse = 1.0f / sum[i];
+        for (index_t e = 0; e < d; ++e) out(t, h0 + i, e) = acc[i * d + e] * inverse;
+      }
+  };
+  if (workers <= 1 || tasks <= 1) {
     for (index_t i = 0; i < tasks; ++i) run(i);
-    return;
+  } else {
+    // Round-robin, so the long rows at the end of a prefill chunk are shared out evenly.
+    const index_t used = std::min(workers, tasks);
+    detail::parallel_for(exec, used, [&](index_t th) {
+      for (index_t i = th; i < tasks; i += used) run(i);
+    });
   }
-  detail::parallel_for(exec, threads, [&](index_t th) {
-    for (index_t i = th; i < tasks; i += threads) run(i);
-  });
+  if (parts == 1) return;
+  // Merge the parts in a fixed order: weights exp(max_p - max) bring each
+  // part's sum and accumulator to the common maximum.
+  const float* maxes = partial;
+  const float* sums = partial + parts * heads;
+  const float* accs = partial + 2 * parts * heads;
+  float* weights = partial + parts * heads * (d + 2);
+  for (index_t h = 0; h < heads; ++h) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (index_t p = 0; p < parts; ++p) m = std::max(m, maxes[p * heads + h]);
+    float total = 0.0f;
+    for (index_t p = 0; p < parts; ++p) {
+      weights[p] = std::exp(maxes[p * heads + h] - m);
+      total += weights[p] * sums[p * heads + h];
+    }
+    const float inverse = 1.0f / total;
+    for (index_t e = 0; e < d; ++e) {
+      float v = 0.0f;
+      for (index_t p = 0; p < parts; ++p) v += weights[p] * accs[(p * heads + h) * d + e];
+      out(0, h, e) = v * inverse;
+    }
+  }
 }
 
 }  // namespace ctformer::cpu
