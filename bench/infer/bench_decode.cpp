@@ -1,8 +1,11 @@
-// Inference throughput of the LLaMA-shaped model of issue 4 (d_model 768, 12
-// layers, 12 heads, d_ff 2048, vocab 32000, RoPE, RMSNorm, SwiGLU, tied
-// embeddings: 109.5 M parameters, random weights): prefill tokens/s for a
-// 512-token prompt and decode tokens/s at contexts 128 and 1024 (batch 1), in
-// fp32, bf16, q8_0 and q4_0 weights, on 1 and 2 threads. Each decode figure
+// Inference throughput of the two shapes of issue 4, random weights: the
+// LLaMA-shaped model (d_model 768, 12 layers, 12 heads, d_ff 2048, vocab
+// 32000, RoPE, RMSNorm, SwiGLU, tied embeddings: 109.5 M parameters) and GPT-2
+// small (768, 12 layers, 12 heads, d_ff 3072, vocab 50257, learned positions,
+// LayerNorm, GELU, biases, tied: 124.4 M). Prefill tokens/s for a 512-token
+// prompt and decode tokens/s at contexts 128 and 1024 (GPT-2: 1023, its
+// position table ends at 1024) with batch 1, in fp32, bf16, q8_0 and q4_0
+// weights, on 1 and 2 threads. Each decode figure
 // is printed next to its bandwidth bound: the triad bandwidth measured in this
 // run divided by the bytes one decode step reads (packed weights + the bf16
 // KV cache up to the context), and the ratio.
@@ -31,10 +34,23 @@ struct llama_110m {
   using position = nn::rope;
 };
 
+struct gpt2_small {
+  static constexpr int vocab = 50257, d_model = 768, n_layer = 12, n_head = 12, n_kv_head = 12, d_ff = 3072,
+                       max_seq = 1024;
+  static constexpr bool bias = true;
+  using norm = nn::layer_norm;
+  using activation = nn::gelu;
+  using position = nn::learned_position;
+};
+
 // The KV cache in bf16, as llama.cpp's default F16 cache: the same bytes per element.
 using kv_policy = infer::kv::contiguous<bf16>;
-template <class Format>
-using model_for = infer::inference_model<llama_110m, Format, kv_policy>;
+template <class Cfg, class Format>
+using model_for = infer::inference_model<Cfg, Format, kv_policy>;
+
+/// The longest decode context benchmarked: 1024, or the last position the model has.
+template <class Cfg>
+constexpr index_t long_context = std::min<index_t>(1024, Cfg::max_seq - 1);
 
 constexpr index_t prompt_tokens = 512;
 
@@ -59,70 +75,76 @@ double triad_gb_per_s(int threads) {
 
 double bandwidth[3] = {0, 0, 0};  // GB/s, [threads]
 
-/// Random weights in nn::model's layout: matrices and embeddings N(0, 0.02), norms 1.
+/// Random weights in nn::model's layout: matrices and embeddings N(0, 0.02),
+/// norm gains 1, biases 0.
+template <class Cfg>
 const std::vector<float>& random_parameters() {
   static const std::vector<float> params = [] {
-    const auto table = model_for<quant::fp32>::parameter_table();
-    std::vector<float> p(std::size_t(model_for<quant::fp32>::parameter_count()), 0.0f);
+    const auto table = model_for<Cfg, quant::fp32>::parameter_table();
+    std::vector<float> p(std::size_t(model_for<Cfg, quant::fp32>::parameter_count()), 0.0f);
     std::mt19937 rng(2024);
     std::normal_distribution<float> normal(0.0f, 0.02f);
     for (const auto& info : table)
       for (index_t i = 0; i < info.size(); ++i)
-        p[std::size_t(info.offset + i)] = info.kind == nn::parameter_kind::norm ? 1.0f : normal(rng);
+        p[std::size_t(info.offset + i)] = info.kind == nn::parameter_kind::norm
+                                              ? (info.name.ends_with(".bias") ? 0.0f : 1.0f)
+                                              : info.kind == nn::parameter_kind::bias ? 0.0f : normal(rng);
     return p;
   }();
   return params;
 }
 
-template <class Format>
-model_for<Format>& model() {
-  static const std::unique_ptr<model_for<Format>> m = [] {
-    const auto& p = random_parameters();
-    return std::make_unique<model_for<Format>>(tensor_view<const float, 1>(p.data(), {index_t(p.size())}),
-                                               model_for<Format>::parameter_table(), prompt_tokens,
-                                               cpu::par.with_threads(2));
+template <class Cfg, class Format>
+model_for<Cfg, Format>& model() {
+  static const std::unique_ptr<model_for<Cfg, Format>> m = [] {
+    const auto& p = random_parameters<Cfg>();
+    return std::make_unique<model_for<Cfg, Format>>(tensor_view<const float, 1>(p.data(), {index_t(p.size())}),
+                                                    model_for<Cfg, Format>::parameter_table(), prompt_tokens,
+                                                    cpu::par.with_threads(2));
   }();
   return *m;
 }
 
-std::vector<std::int32_t> random_prompt(index_t n) {
+std::vector<std::int32_t> random_prompt(index_t n, int vocab) {
   std::mt19937 rng(7);
-  std::uniform_int_distribution<int> dist(0, llama_110m::vocab - 1);
+  std::uniform_int_distribution<int> dist(0, vocab - 1);
   std::vector<std::int32_t> t(static_cast<std::size_t>(n));
   for (auto& x : t) x = dist(rng);
   return t;
 }
 
-/// One cache for every decode benchmark, its sequence filled with random
-/// keys and values up to the largest context (the values do not change the
-/// work, and filling it directly saves a 1024-token prefill per format).
+/// One cache per shape for every decode benchmark, its sequence filled with
+/// random keys and values up to the longest context (the values do not change
+/// the work, and filling it directly saves a long prefill per format).
+template <class Cfg>
 struct decode_cache {
-  infer::kv_cache<kv_policy> cache{llama_110m::n_layer, llama_110m::n_kv_head, llama_110m::d_model / llama_110m::n_head,
-                                   llama_110m::max_seq, 1};
+  static constexpr index_t head_dim = Cfg::d_model / Cfg::n_head;
+  infer::kv_cache<kv_policy> cache{Cfg::n_layer, Cfg::n_kv_head, head_dim, Cfg::max_seq, 1};
   infer::sequence_id seq = cache.open_sequence();
   decode_cache() {
-    constexpr index_t context = 1024, d = llama_110m::d_model / llama_110m::n_head;
-    cache.reserve(seq, llama_110m::max_seq);
+    constexpr index_t context = long_context<Cfg>;
+    cache.reserve(seq, Cfg::max_seq);
     std::mt19937 rng(3);
     std::normal_distribution<float> normal(0.0f, 1.0f);
-    std::vector<float> rows(std::size_t(context * llama_110m::n_kv_head * d));
+    std::vector<float> rows(std::size_t(context * Cfg::n_kv_head * head_dim));
     for (auto& x : rows) x = normal(rng);
-    const tensor_view<const float, 3> kv(rows.data(), {context, llama_110m::n_kv_head, d});
-    for (index_t l = 0; l < llama_110m::n_layer; ++l) cache.write(l, seq, 0, kv, kv);
+    const tensor_view<const float, 3> kv(rows.data(), {context, Cfg::n_kv_head, head_dim});
+    for (index_t l = 0; l < Cfg::n_layer; ++l) cache.write(l, seq, 0, kv, kv);
   }
 };
-decode_cache& shared_cache() {
-  static decode_cache c;
+template <class Cfg>
+decode_cache<Cfg>& shared_cache() {
+  static decode_cache<Cfg> c;
   return c;
 }
 
-template <class Format>
+template <class Cfg, class Format>
 void bm_prefill(benchmark::State& state) {
   const int threads = int(state.range(0));
-  auto& m = model<Format>();
+  auto& m = model<Cfg, Format>();
   m.set_exec(cpu::par.with_threads(threads));
   auto cache = m.make_cache(1);
-  const auto prompt = random_prompt(prompt_tokens);
+  const auto prompt = random_prompt(prompt_tokens, Cfg::vocab);
   for (auto _ : state) {
     const auto seq = cache.open_sequence();
     const auto logits = m.prefill(cache, seq, prompt, prompt_tokens);
@@ -133,18 +155,20 @@ void bm_prefill(benchmark::State& state) {
       benchmark::Counter(double(prompt_tokens), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-template <class Format>
+/// Decode steps at a fixed context: state.range(0) is 0 for context 128 and
+/// 1 for the shape's long context.
+template <class Cfg, class Format>
 void bm_decode(benchmark::State& state) {
-  const index_t context = state.range(0);
+  const index_t context = state.range(0) == 0 ? 128 : long_context<Cfg>;
   const int threads = int(state.range(1));
-  auto& m = model<Format>();
+  auto& m = model<Cfg, Format>();
   m.set_exec(cpu::par.with_threads(threads));
-  auto& c = shared_cache();
-  constexpr index_t d = llama_110m::d_model / llama_110m::n_head;
+  auto& c = shared_cache<Cfg>();
+  constexpr index_t d = Cfg::d_model / Cfg::n_head;
   // Bytes one step streams: every packed weight once, the keys and values of
   // the context once per layer, and one embedding row.
-  const double kv_bytes = double(context + 1) * llama_110m::n_layer * 2 * llama_110m::n_kv_head * d * sizeof(bf16);
-  const double bytes = double(m.weight_bytes()) + kv_bytes + llama_110m::d_model * sizeof(float);
+  const double kv_bytes = double(context + 1) * Cfg::n_layer * 2 * Cfg::n_kv_head * d * sizeof(bf16);
+  const double bytes = double(m.weight_bytes()) + kv_bytes + Cfg::d_model * sizeof(float);
   double seconds = 0;
   std::int64_t steps = 0;
   for (auto _ : state) {
@@ -157,6 +181,7 @@ void bm_decode(benchmark::State& state) {
   }
   const double tokens_per_s = double(steps) / seconds;
   const double bound = bandwidth[threads] * 1e9 / bytes;
+  state.counters["context"] = double(context);
   state.counters["tok/s"] = tokens_per_s;
   state.counters["MB/token"] = bytes / 1e6;
   state.counters["bound_tok/s"] = bound;
@@ -167,21 +192,29 @@ void prefill_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"threads"})->ArgsProduct({{1, 2}})->Iterations(2)->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 void decode_args(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"context", "threads"})
-      ->ArgsProduct({{128, 1024}, {1, 2}})
+  b->ArgNames({"long_context", "threads"})
+      ->ArgsProduct({{0, 1}, {1, 2}})
       ->MinTime(0.3)
       ->Unit(benchmark::kMillisecond)
       ->UseRealTime();
 }
 
-BENCHMARK(bm_decode<quant::fp32>)->Apply(decode_args);
-BENCHMARK(bm_decode<quant::bf16_weights>)->Apply(decode_args);
-BENCHMARK(bm_decode<quant::q8_0>)->Apply(decode_args);
-BENCHMARK(bm_decode<quant::q4_0>)->Apply(decode_args);
-BENCHMARK(bm_prefill<quant::fp32>)->Apply(prefill_args);
-BENCHMARK(bm_prefill<quant::bf16_weights>)->Apply(prefill_args);
-BENCHMARK(bm_prefill<quant::q8_0>)->Apply(prefill_args);
-BENCHMARK(bm_prefill<quant::q4_0>)->Apply(prefill_args);
+BENCHMARK(bm_decode<llama_110m, quant::fp32>)->Apply(decode_args);
+BENCHMARK(bm_decode<llama_110m, quant::bf16_weights>)->Apply(decode_args);
+BENCHMARK(bm_decode<llama_110m, quant::q8_0>)->Apply(decode_args);
+BENCHMARK(bm_decode<llama_110m, quant::q4_0>)->Apply(decode_args);
+BENCHMARK(bm_prefill<llama_110m, quant::fp32>)->Apply(prefill_args);
+BENCHMARK(bm_prefill<llama_110m, quant::bf16_weights>)->Apply(prefill_args);
+BENCHMARK(bm_prefill<llama_110m, quant::q8_0>)->Apply(prefill_args);
+BENCHMARK(bm_prefill<llama_110m, quant::q4_0>)->Apply(prefill_args);
+BENCHMARK(bm_decode<gpt2_small, quant::fp32>)->Apply(decode_args);
+BENCHMARK(bm_decode<gpt2_small, quant::bf16_weights>)->Apply(decode_args);
+BENCHMARK(bm_decode<gpt2_small, quant::q8_0>)->Apply(decode_args);
+BENCHMARK(bm_decode<gpt2_small, quant::q4_0>)->Apply(decode_args);
+BENCHMARK(bm_prefill<gpt2_small, quant::fp32>)->Apply(prefill_args);
+BENCHMARK(bm_prefill<gpt2_small, quant::bf16_weights>)->Apply(prefill_args);
+BENCHMARK(bm_prefill<gpt2_small, quant::q8_0>)->Apply(prefill_args);
+BENCHMARK(bm_prefill<gpt2_small, quant::q4_0>)->Apply(prefill_args);
 
 }  // namespace
 
@@ -192,8 +225,10 @@ int main(int argc, char** argv) {
   bandwidth[2] = triad_gb_per_s(2);
   std::printf("memory bandwidth (triad, 3 x 256 MiB, best of 5): %.1f GB/s 1 thread, %.1f GB/s 2 threads\n",
               bandwidth[1], bandwidth[2]);
-  std::printf("model: %lld parameters; decode bound = triad GB/s / (packed weights + bf16 KV cache to the context)\n",
-              static_cast<long long>(model_for<quant::fp32>::parameter_count()));
+  std::printf("models: llama_110m %lld parameters, gpt2_small %lld; decode bound = triad GB/s / (packed weights + "
+              "bf16 KV cache to the context)\n",
+              static_cast<long long>(model_for<llama_110m, quant::fp32>::parameter_count()),
+              static_cast<long long>(model_for<gpt2_small, quant::fp32>::parameter_count()));
   benchmark::AddCustomContext("triad_GB/s_1_thread", std::to_string(bandwidth[1]));
   benchmark::AddCustomContext("triad_GB/s_2_threads", std::to_string(bandwidth[2]));
   benchmark::RunSpecifiedBenchmarks();
