@@ -84,6 +84,65 @@ inline void axpy_kv(float alpha, const E* row, float* acc, index_t d) {
   for (; i < d; ++i) acc[i] += alpha * to_float(row[i]);
 }
 
+/// Scores of 8 keys at once: out[r] = q . rows[r] over d elements. One
+/// accumulator per key and a single transposing reduction of the eight, rather
+/// than a horizontal sum per key.
+template <class E>
+inline void dot_kv_8(const float* q, const E* const* rows, index_t d, float* out) {
+#if defined(CTFORMER_CPU_AVX2)
+  if (d % 8 == 0) {
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+    for (index_t i = 0; i < d; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load_kv(rows[r] + i).v, acc[r]);
+    }
+    // hadd pairs within 128-bit lanes: after two rounds the low lane holds
+    // keys 0-3 (s0123) or 4-7 (s4567) summed over elements 0-3 of each
+    // 8-block, the high lane over elements 4-7; adding the lanes finishes.
+    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                        _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+    return;
+  }
+#endif
+  for (int r = 0; r < 8; ++r) out[r] = dot_kv(q, rows[r], d);
+}
+
+/// acc[0, d) += sum_j p[j] * rows[j][0, d) over `count` rows, j in order (the
+/// same fused multiply-adds as axpy_kv row by row). With AVX2 each 64-wide
+/// stretch of acc stays in registers across all the rows.
+template <class E>
+inline void accumulate_rows(const float* p, const E* const* rows, index_t count, index_t d, float* acc) {
+#if defined(CTFORMER_CPU_AVX2)
+  index_t c = 0;
+  for (; c + 64 <= d; c += 64) {
+    __m256 a[8];
+    for (int v = 0; v < 8; ++v) a[v] = _mm256_loadu_ps(acc + c + 8 * v);
+    for (index_t j = 0; j < count; ++j) {
+      const __m256 pj = _mm256_set1_ps(p[j]);
+      for (int v = 0; v < 8; ++v) a[v] = _mm256_fmadd_ps(pj, load_kv(rows[j] + c + 8 * v).v, a[v]);
+    }
+    for (int v = 0; v < 8; ++v) _mm256_storeu_ps(acc + c + 8 * v, a[v]);
+  }
+  if (c < d)
+    for (index_t j = 0; j < count; ++j) axpy_kv(p[j], rows[j] + c, acc + c, d - c);
+#else
+  for (index_t j = 0; j < count; ++j) axpy_kv(p[j], rows[j], acc, d);
+#endif
+}
+
+/// Asks for the cache lines of [p, p + bytes) ahead of use (a hint: never faults).
+inline void prefetch_bytes(const void* p, index_t bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+  const char* c = static_cast<const char*>(p);
+  for (index_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(c + offset, 0, 3);
+#else
+  (void)p, (void)bytes;
+#endif
+}
+
 /// Keys per part of a decode step's key range: the parts are scored on
 /// separate threads and merged. Fixed positions (not a share of the thread
 /// count) so that the result does not depend on how many threads ran.
@@ -131,12 +190,33 @@ void attend_key_range(const float* q, index_t h0, index_t h1, index_t group, con
       if constexpr (quantized) scale_slot[j] = physical * scale_block_stride + in_block * kv.kv_heads;
       ++in_block;
     }
-    for (index_t j = 0; j < count; ++j)
+    // Scores, 8 keys at a time. The values of those 8 positions are asked
+    // for meanwhile: the value pass below reads them head by head, a stride
+    // the hardware prefetchers would not follow.
+    const index_t g0 = h0 / group, g1 = (h1 - 1) / group + 1;
+    const index_t value_bytes = (g1 - g0) * d * index_t(sizeof(E));
+    index_t key = 0;
+    for (; key + 8 <= count; key += 8) {
+      for (index_t r = 0; r < 8; ++r) prefetch_bytes(kv.v + slot[key + r] + g0 * d, value_bytes);
       for (index_t h = h0; h < h1; ++h) {
         const index_t g = h / group;
-        float score = dot_kv(q + h * d, kv.k + slot[j] + g * d, d) * scale;
-        if constexpr (quantized) score *= kv.k_scale[scale_slot[j] + g];
-        scores[(h - h0) * tile + j] = score;
+        const E* rows[8];
+        for (index_t r = 0; r < 8; ++r) rows[r] = kv.k + slot[key + r] + g * d;
+        float dots[8];
+        dot_kv_8(q + h * d, rows, d, dots);
+        for (index_t r = 0; r < 8; ++r) {
+          float score = dots[r] * scale;
+          if constexpr (quantized) score *= kv.k_scale[scale_slot[key + r] + g];
+          scores[(h - h0) * tile + key + r] = score;
+        }
+      }
+    }
+    for (; key < count; ++key)
+      for (index_t h = h0; h < h1; ++h) {
+        const index_t g = h / group;
+        float score = dot_kv(q + h * d, kv.k + slot[key] + g * d, d) * scale;
+        if constexpr (quantized) score *= kv.k_scale[scale_slot[key] + g];
+        scores[(h - h0) * tile + key] = score;
       }
     for (index_t i = 0; i < heads; ++i) {
       float* s = scores + i * tile;
@@ -157,13 +237,17 @@ void attend_key_range(const float* q, index_t h0, index_t h1, index_t group, con
       for (; j < count; ++j) s[j] = exp_approx(s[j] - new_max);
       for (j = 0; j < count; ++j) sum[i] += s[j];
     }
-    for (index_t j = 0; j < count; ++j)
-      for (index_t h = h0; h < h1; ++h) {
-        const index_t g = h / group;
-        float p = scores[(h - h0) * tile + j];
-        if constexpr (quantized) p *= kv.v_scale[scale_slot[j] + g];
-        axpy_kv(p, kv.v + slot[j] + g * d, acc + (h - h0) * d, d);
+    // Values, head by head, the accumulator in registers across the tile.
+    const E* rows[tile];
+    for (index_t h = h0; h < h1; ++h) {
+      const index_t g = h / group;
+      float* p = scores + (h - h0) * tile;
+      for (index_t r = 0; r < count; ++r) {
+        rows[r] = kv.v + slot[r] + g * d;
+        if constexpr (quantized) p[r] *= kv.v_scale[scale_slot[r] + g];
       }
+      accumulate_rows(p, rows, count, d, acc + (h - h0) * d);
+    }
     p0 += count;
   }
 }
@@ -197,10 +281,11 @@ void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, con
   const index_t t_len = q.extent(0), heads = q.extent(1), d = kv.head_dim;
   const index_t group = heads / kv.kv_heads;
   const index_t threads = exec.thread_count();
-  // A decode step over a short context is a few microseconds of work: below
-  // this many key rows in total, waking the pool costs more than it saves.
+  // Below this many key rows in total (a decode step over a context of a
+  // few dozen positions) the work is a few microseconds: waking the pool
+  // would cost more than it saves.
   const index_t key_rows = t_len * heads * (start + t_len);
-  const index_t workers = key_rows < 2048 ? 1 : threads;
+  const index_t workers = key_rows < 512 ? 1 : threads;
   const index_t parts = t_len == 1 ? (start + 1 + detail::cached_attention_part - 1) / detail::cached_attention_part : 1;
   const index_t splits =
       std::clamp<index_t>((workers + t_len * parts - 1) / (t_len * parts), 1, kv.kv_heads);

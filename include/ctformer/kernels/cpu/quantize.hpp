@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -404,9 +405,12 @@ void dequantize_row_fast(const std::byte* row, float* out, index_t cols) {
   Format::dequantize_row(row, out, cols);
 }
 
-/// Splits [0, rows) into one contiguous range per thread (so each thread
-/// streams its own slice of the weights) and calls body(begin, end). Matrices
-/// under 64 KiB stay on the calling thread: waking the pool costs more.
+/// Splits [0, rows) into contiguous ranges (so each thread streams its own
+/// slices of the weights) and calls body(begin, end) for each. The ranges
+/// are handed out first come, first served, four per thread: two threads
+/// rarely stream DRAM at the same speed (a shared core, a noisy neighbour),
+/// and a fixed half each would leave the faster one waiting at the barrier.
+/// Matrices under 64 KiB stay on the calling thread: waking the pool costs more.
 template <class Body>
 void for_row_ranges(const par_t& exec, index_t rows, std::size_t bytes, Body&& body) {
   const index_t threads = bytes < (std::size_t(64) << 10) ? 1 : std::min<index_t>(exec.thread_count(), rows);
@@ -414,7 +418,13 @@ void for_row_ranges(const par_t& exec, index_t rows, std::size_t bytes, Body&& b
     body(index_t(0), rows);
     return;
   }
-  parallel_for(exec, threads, [&](index_t t) { body(rows * t / threads, rows * (t + 1) / threads); });
+  const index_t ranges = std::min<index_t>(rows, 4 * threads);
+  std::atomic<index_t> next{0};
+  parallel_for(exec, threads, [&](index_t) {
+    for (index_t i = next.fetch_add(1, std::memory_order_relaxed); i < ranges;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      body(rows * i / ranges, rows * (i + 1) / ranges);
+  });
 }
 
 /// A contiguous copy of x when it is strided (kernels read x with unit stride).
