@@ -6,27 +6,31 @@
 #include <limits>
 #include <vector>
 
+#include "ctformer/kernels/cpu/detail/attention_rows.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::cpu {
 
 namespace detail {
-inline float dot_contiguous(const float* a, const float* b, index_t n) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (index_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
+/// Per-thread scratch that grows once and is then reused (no allocation in
+/// steady state): `floats` floats and `pointers` row pointers.
+struct attention_scratch_rows {
+  std::vector<float> floats;
+  std::vector<const float*> pointers;
+};
+inline attention_scratch_rows& attention_training_scratch(index_t floats, index_t pointers) {
+  thread_local attention_scratch_rows scratch;
+  if (scratch.floats.size() < std::size_t(floats)) scratch.floats.resize(std::size_t(floats));
+  if (scratch.pointers.size() < std::size_t(pointers)) scratch.pointers.resize(std::size_t(pointers));
+  return scratch;
 }
-inline void axpy_contiguous(float alpha, const float* x, float* y, index_t n) {
-#pragma omp simd
-  for (index_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-// Per-thread row scratch that grows once and is then reused: no allocation
-// in steady state.
-inline float* attention_row_scratch(index_t n) {
-  thread_local std::vector<float> scratch;
-  if (scratch.size() < std::size_t(n)) scratch.resize(std::size_t(n));
-  return scratch.data();
+
+/// out[j] = a . rows[j] for j in [0, count): eight rows per transposing
+/// reduction, the rest one by one.
+inline void dot_rows(const float* a, const float* const* rows, index_t count, index_t d, float* out) {
+  index_t j = 0;
+  for (; j + 8 <= count; j += 8) dot_kv_8(a, rows + j, d, out + j);
+  for (; j < count; ++j) out[j] = dot_kv(a, rows[j], d);
 }
 }  // namespace detail
 
@@ -35,31 +39,33 @@ inline float* attention_row_scratch(index_t n) {
 inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const float, 4> q,
                                           tensor_view<const float, 4> k, tensor_view<const float, 4> v,
                                           tensor_view<float, 4> out, tensor_view<float, 4> probs, float scale) {
+  using detail::kv_vec;
   const index_t batch = q.extent(0), t_len = q.extent(1), heads = q.extent(2), d = q.extent(3);
   const index_t group = heads / k.extent(2);
   detail::parallel_for(exec, batch * heads, [&](index_t bh) {
     const index_t b = bh / heads, h = bh % heads, g = h / group;
+    auto& scratch = detail::attention_training_scratch(0, 2 * t_len);
+    const float** key_rows = scratch.pointers.data();
+    const float** value_rows = key_rows + t_len;
+    for (index_t j = 0; j < t_len; ++j) key_rows[j] = &k(b, j, g, 0), value_rows[j] = &v(b, j, g, 0);
     for (index_t i = 0; i < t_len; ++i) {
-      const float* qi = &q(b, i, h, 0);
+      const index_t n = i + 1;
       float* p = &probs(b, h, i, 0);
+      detail::dot_rows(&q(b, i, h, 0), key_rows, n, d, p);
       float maximum = -std::numeric_limits<float>::infinity();
-      for (index_t j = 0; j <= i; ++j) {
-        p[j] = scale * detail::dot_contiguous(qi, &k(b, j, g, 0), d);
-        maximum = std::max(maximum, p[j]);
-      }
+      for (index_t j = 0; j < n; ++j) maximum = std::max(maximum, p[j] *= scale);
+      const kv_vec m = kv_vec::splat(maximum);
+      index_t j = 0;
+      for (; j + kv_vec::width <= n; j += kv_vec::width) vexp(kv_vec::load(p + j) - m).store(p + j);
+      for (; j < n; ++j) p[j] = detail::exp_approx(p[j] - maximum);
       float sum = 0.0f;
-      for (index_t j = 0; j <= i; ++j) {
-        p[j] = std::exp(p[j] - maximum);
-        sum += p[j];
-      }
+      for (j = 0; j < n; ++j) sum += p[j];
       const float inverse = 1.0f / sum;
+      for (j = 0; j < n; ++j) p[j] *= inverse;
+      for (j = n; j < t_len; ++j) p[j] = 0.0f;
       float* oi = &out(b, i, h, 0);
       for (index_t c = 0; c < d; ++c) oi[c] = 0.0f;
-      for (index_t j = 0; j <= i; ++j) {
-        p[j] *= inverse;
-        detail::axpy_contiguous(p[j], &v(b, j, g, 0), oi, d);
-      }
-      for (index_t j = i + 1; j < t_len; ++j) p[j] = 0.0f;
+      detail::accumulate_rows(p, value_rows, n, d, oi);
     }
   });
 }
@@ -67,6 +73,10 @@ inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const f
 /// Backward of causal_attention_forward. dq is overwritten; dk and dv are
 /// overwritten too (each key/value head sums the heads of its group, so the
 /// work is split by (batch, key/value head) and no two threads share a row).
+///
+/// Per head, a pass over query rows finds dS = P * (dO V^T - rowsum) * scale
+/// and dQ = dS K; a pass over key rows then sums dV = P^T dO and dK = dS^T Q,
+/// so every sum runs into registers instead of into a row in memory per term.
 inline void causal_attention_backward_impl(const par_t& exec, tensor_view<const float, 4> dout,
                                            tensor_view<const float, 4> q, tensor_view<const float, 4> k,
                                            tensor_view<const float, 4> v, tensor_view<const float, 4> probs,
@@ -76,27 +86,41 @@ inline void causal_attention_backward_impl(const par_t& exec, tensor_view<const 
   const index_t kv_heads = k.extent(2), group = heads / kv_heads;
   detail::parallel_for(exec, batch * kv_heads, [&](index_t bg) {
     const index_t b = bg / kv_heads, g = bg % kv_heads;
-    float* dp = detail::attention_row_scratch(t_len);
-    for (index_t j = 0; j < t_len; ++j)
+    // dS (T, T), then one column of P and of dS; rows of K, V, dO and Q.
+    auto& scratch = detail::attention_training_scratch(t_len * t_len + 2 * t_len, 4 * t_len);
+    float* dscores = scratch.floats.data();
+    float* p_column = dscores + t_len * t_len;
+    float* ds_column = p_column + t_len;
+    const float** key_rows = scratch.pointers.data();
+    const float** value_rows = key_rows + t_len;
+    const float** dout_rows = value_rows + t_len;
+    const float** query_rows = dout_rows + t_len;
+    for (index_t j = 0; j < t_len; ++j) {
+      key_rows[j] = &k(b, j, g, 0), value_rows[j] = &v(b, j, g, 0);
       for (index_t c = 0; c < d; ++c) dk(b, j, g, c) = dv(b, j, g, c) = 0.0f;
+    }
     for (index_t h = g * group; h < (g + 1) * group; ++h) {
+      for (index_t i = 0; i < t_len; ++i) dout_rows[i] = &dout(b, i, h, 0), query_rows[i] = &q(b, i, h, 0);
       for (index_t i = 0; i < t_len; ++i) {
+        const index_t n = i + 1;
         const float* p = &probs(b, h, i, 0);
-        const float* doi = &dout(b, i, h, 0);
+        float* ds = dscores + i * t_len;
+        detail::dot_rows(dout_rows[i], value_rows, n, d, ds);  // dP = dO V^T
         float weighted = 0.0f;
-        for (index_t j = 0; j <= i; ++j) {
-          dp[j] = detail::dot_contiguous(doi, &v(b, j, g, 0), d);
-          weighted += p[j] * dp[j];
-          detail::axpy_contiguous(p[j], doi, &dv(b, j, g, 0), d);
-        }
+        for (index_t j = 0; j < n; ++j) weighted += p[j] * ds[j];
+        for (index_t j = 0; j < n; ++j) ds[j] = scale * p[j] * (ds[j] - weighted);
         float* dqi = &dq(b, i, h, 0);
         for (index_t c = 0; c < d; ++c) dqi[c] = 0.0f;
-        const float* qi = &q(b, i, h, 0);
-        for (index_t j = 0; j <= i; ++j) {
-          const float dscore = scale * p[j] * (dp[j] - weighted);
-          detail::axpy_contiguous(dscore, &k(b, j, g, 0), dqi, d);
-          detail::axpy_contiguous(dscore, qi, &dk(b, j, g, 0), d);
+        detail::accumulate_rows(ds, key_rows, n, d, dqi);
+      }
+      for (index_t j = 0; j < t_len; ++j) {
+        const index_t n = t_len - j;  // query rows i >= j see key j
+        for (index_t i = j; i < t_len; ++i) {
+          p_column[i - j] = probs(b, h, i, j);
+          ds_column[i - j] = dscores[i * t_len + j];
         }
+        detail::accumulate_rows(p_column, dout_rows + j, n, d, &dv(b, j, g, 0));
+        detail::accumulate_rows(ds_column, query_rows + j, n, d, &dk(b, j, g, 0));
       }
     }
   });
