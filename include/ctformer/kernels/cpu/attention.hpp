@@ -2,12 +2,14 @@
 // training form: forward saves the probabilities, backward reads them.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "ctformer/kernels/cpu/detail/attention_rows.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
+#include "ctformer/kernels/cpu/softmax.hpp"
 
 namespace ctformer::cpu {
 
@@ -25,6 +27,9 @@ inline attention_scratch_rows& attention_training_scratch(index_t floats, index_
   return scratch;
 }
 
+/// n rounded up to a multiple of 8, at most limit.
+inline index_t whole_eights(index_t n, index_t limit) { return std::min(limit, (n + 7) / 8 * 8); }
+
 /// out[j] = a . rows[j] for j in [0, count): eight rows per transposing
 /// reduction, the rest one by one.
 inline void dot_rows(const float* a, const float* const* rows, index_t count, index_t d, float* out) {
@@ -39,7 +44,6 @@ inline void dot_rows(const float* a, const float* const* rows, index_t count, in
 inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const float, 4> q,
                                           tensor_view<const float, 4> k, tensor_view<const float, 4> v,
                                           tensor_view<float, 4> out, tensor_view<float, 4> probs, float scale) {
-  using detail::kv_vec;
   const index_t batch = q.extent(0), t_len = q.extent(1), heads = q.extent(2), d = q.extent(3);
   const index_t group = heads / k.extent(2);
   detail::parallel_for(exec, batch * heads, [&](index_t bh) {
@@ -51,18 +55,10 @@ inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const f
     for (index_t i = 0; i < t_len; ++i) {
       const index_t n = i + 1;
       float* p = &probs(b, h, i, 0);
-      detail::dot_rows(&q(b, i, h, 0), key_rows, n, d, p);
-      float maximum = -std::numeric_limits<float>::infinity();
-      for (index_t j = 0; j < n; ++j) maximum = std::max(maximum, p[j] *= scale);
-      const kv_vec m = kv_vec::splat(maximum);
-      index_t j = 0;
-      for (; j + kv_vec::width <= n; j += kv_vec::width) vexp(kv_vec::load(p + j) - m).store(p + j);
-      for (; j < n; ++j) p[j] = detail::exp_approx(p[j] - maximum);
-      float sum = 0.0f;
-      for (j = 0; j < n; ++j) sum += p[j];
-      const float inverse = 1.0f / sum;
-      for (j = 0; j < n; ++j) p[j] *= inverse;
-      for (j = n; j < t_len; ++j) p[j] = 0.0f;
+      // Scores in whole groups of 8: the keys past i exist (up to T) and
+      // cost less than single dot products; softmax_row then zeroes them.
+      detail::dot_rows(&q(b, i, h, 0), key_rows, detail::whole_eights(n, t_len), d, p);
+      detail::softmax_row(p, p, n, t_len, scale);
       float* oi = &out(b, i, h, 0);
       for (index_t c = 0; c < d; ++c) oi[c] = 0.0f;
       detail::accumulate_rows(p, value_rows, n, d, oi);
@@ -105,9 +101,11 @@ inline void causal_attention_backward_impl(const par_t& exec, tensor_view<const 
         const index_t n = i + 1;
         const float* p = &probs(b, h, i, 0);
         float* ds = dscores + i * t_len;
-        detail::dot_rows(dout_rows[i], value_rows, n, d, ds);  // dP = dO V^T
+        detail::dot_rows(dout_rows[i], value_rows, detail::whole_eights(n, t_len), d, ds);  // dP = dO V^T
         float weighted = 0.0f;
+#pragma omp simd reduction(+ : weighted)
         for (index_t j = 0; j < n; ++j) weighted += p[j] * ds[j];
+#pragma omp simd
         for (index_t j = 0; j < n; ++j) ds[j] = scale * p[j] * (ds[j] - weighted);
         float* dqi = &dq(b, i, h, 0);
         for (index_t c = 0; c < d; ++c) dqi[c] = 0.0f;
