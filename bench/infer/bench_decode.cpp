@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "ctformer/ctformer.hpp"
+#include "../common/memory_bandwidth.hpp"
 #include "ctformer/infer/inference_model.hpp"
 
 using namespace ctformer;
@@ -53,25 +54,6 @@ template <class Cfg>
 constexpr index_t long_context = std::min<index_t>(1024, Cfg::max_seq - 1);
 
 constexpr index_t prompt_tokens = 512;
-
-/// Triad a[i] = b[i] + s c[i] over 3 x 256 MiB (past the 32 MiB L3), best of
-/// 5, counting 12 bytes per element as STREAM does.
-double triad_gb_per_s(int threads) {
-  const std::size_t n = std::size_t(64) << 20;
-  buffer<float> a(n), b(n), c(n);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::size_t i = 0; i < n; ++i) a[i] = b[i] = c[i] = 1.0f;
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, 12.0 * double(n) / s / 1e9);
-  }
-  benchmark::DoNotOptimize(a.data());
-  return best;
-}
 
 double bandwidth[3] = {0, 0, 0};  // GB/s, [threads]
 
@@ -221,16 +203,7 @@ BENCHMARK(bm_prefill<gpt2_small, quant::q4_0>)->Apply(prefill_args);
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  bandwidth[1] = triad_gb_per_s(1);
-  bandwidth[2] = triad_gb_per_s(2);
-  std::printf("memory bandwidth (triad, 3 x 256 MiB, best of 5): %.1f GB/s 1 thread, %.1f GB/s 2 threads\n",
-              bandwidth[1], bandwidth[2]);
-  std::printf("models: llama_110m %lld parameters, gpt2_small %lld; decode bound = triad GB/s / (packed weights + "
-              "bf16 KV cache to the context)\n",
-              static_cast<long long>(model_for<llama_110m, quant::fp32>::parameter_count()),
-              static_cast<long long>(model_for<gpt2_small, quant::fp32>::parameter_count()));
-  benchmark::AddCustomContext("triad_GB/s_1_thread", std::to_string(bandwidth[1]));
-  benchmark::AddCustomContext("triad_GB/s_2_threads", std::to_string(bandwidth[2]));
+  bench::measure_bandwidth(bandwidth);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
 }

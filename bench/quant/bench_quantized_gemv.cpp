@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "ctformer/ctformer.hpp"
+#include "../common/memory_bandwidth.hpp"
 #include "ctformer/quant/quant.hpp"
 
 using namespace ctformer;
@@ -21,31 +22,6 @@ using namespace ctformer;
 namespace {
 
 constexpr index_t cols = 768;
-
-/// Triad a[i] = b[i] + s c[i] over 3 x 256 MiB (well past the 32 MiB L3), best
-/// of 5, counting 3 x 4 bytes per element as STREAM does.
-double triad_gb_per_s(int threads) {
-  const std::size_t n = std::size_t(64) << 20;
-  buffer<float> a(n), b(n), c(n);
-  const auto exec = cpu::par.with_threads(threads);
-  auto run = [&] {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
-  };
-  // First touch on the same threads as the timed loop.
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::size_t i = 0; i < n; ++i) a[i] = b[i] = c[i] = 1.0f;
-  (void)exec;
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const auto t0 = std::chrono::steady_clock::now();
-    run();
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, 3.0 * 4.0 * double(n) / s / 1e9);
-  }
-  benchmark::DoNotOptimize(a.data());
-  return best;
-}
 
 double bandwidth[3] = {0, 0, 0};  // [threads]
 
@@ -142,12 +118,7 @@ BENCHMARK(bm_gemm<quant::q4_0>)->Apply(gemm_shapes);
 int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  bandwidth[1] = triad_gb_per_s(1);
-  bandwidth[2] = triad_gb_per_s(2);
-  std::printf("memory bandwidth (triad, 3 x 256 MiB, best of 5): %.1f GB/s 1 thread, %.1f GB/s 2 threads\n",
-              bandwidth[1], bandwidth[2]);
-  benchmark::AddCustomContext("triad_GB/s_1_thread", std::to_string(bandwidth[1]));
-  benchmark::AddCustomContext("triad_GB/s_2_threads", std::to_string(bandwidth[2]));
+  bench::measure_bandwidth(bandwidth);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
 }

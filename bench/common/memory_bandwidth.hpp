@@ -1,0 +1,49 @@
+// The machine's memory bandwidth as the benchmarks measure it in their own run
+// (STREAM-style triad), and the line that reports it: the limit the decode
+// and GEMV figures are printed against.
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstddef>
+#include <cstdio>
+#include <string>
+
+#include "ctformer/core/buffer.hpp"
+
+namespace ctformer::bench {
+
+/// Triad a[i] = b[i] + s c[i] over 3 x 256 MiB (well past a 32 MiB L3), best
+/// of 5, counting 3 x 4 bytes per element as STREAM does. The arrays are
+/// first touched by the same threads as the timed loop.
+inline double triad_gb_per_s(int threads) {
+  const std::size_t n = std::size_t(64) << 20;
+  buffer<float> a(n), b(n), c(n);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (std::size_t i = 0; i < n; ++i) a[i] = b[i] = c[i] = 1.0f;
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 3.0 * 4.0 * double(n) / s / 1e9);
+  }
+  benchmark::DoNotOptimize(a.data());
+  return best;
+}
+
+/// Measures the triad on 1 and 2 threads into bandwidth[1], bandwidth[2],
+/// prints them and adds them to the benchmark context.
+inline void measure_bandwidth(double (&bandwidth)[3]) {
+  bandwidth[1] = triad_gb_per_s(1);
+  bandwidth[2] = triad_gb_per_s(2);
+  std::printf("memory bandwidth (triad, 3 x 256 MiB, best of 5): %.1f GB/s 1 thread, %.1f GB/s 2 threads\n",
+              bandwidth[1], bandwidth[2]);
+  benchmark::AddCustomContext("triad_GB/s_1_thread", std::to_string(bandwidth[1]));
+  benchmark::AddCustomContext("triad_GB/s_2_threads", std::to_string(bandwidth[2]));
+}
+
+}  // namespace ctformer::bench
