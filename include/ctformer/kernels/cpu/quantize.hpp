@@ -171,10 +171,8 @@ inline __m256i dot_s8_s8(__m256i w, __m256i x) {
 // 32 q4_0 quants q in [0, 15] as unsigned bytes, in element order (low nibbles first).
 inline __m256i unpack_q4_0(const std::uint8_t* qs) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(0x0f);
-  const __m128i lo = _mm_and_si128(bytes, mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  return _mm256_set_m128i(hi, lo);
+  // High nibbles shifted down into the upper half, then one mask for both.
+  return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0f));
 }
 // sum (q - 8) x over a q4_0 block as 8 int32 lanes: q is already unsigned, so
 // maddubs / vpdpbusd take it as is (pair sums <= 2 * 15 * 127, no saturation),
