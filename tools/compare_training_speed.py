@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 CONFIGS = {  # name in the benchmark: (vocab, d_model, n_layer, n_head, d_ff, batch, context, bias)
     "nanogpt_cpu": (65, 128, 4, 4, 512, 12, 64, False),
+    "llmc_6_layer": (50257, 384, 6, 6, 1536, 4, 256, True),
     "gpt2_small_context_64": (50257, 768, 12, 12, 3072, 4, 64, True),
     "gpt2_small": (50257, 768, 12, 12, 3072, 4, 256, True),
 }

@@ -1,6 +1,6 @@
 // Training-step throughput (forward + backward + AdamW) in tokens/s for the
-// nanoGPT CPU configuration and the GPT-2 small shape, fp32 and bf16, 1 and 2
-// threads, with the share of the step spent in GEMM. tools/compare_training_speed.py
+// nanoGPT CPU configuration, llm.c's 6-layer shape and the GPT-2 small shape,
+// fp32 and bf16, 1 and 2 threads, with the share of the step spent in GEMM. tools/compare_training_speed.py
 // runs PyTorch eager on the same configurations in the same session and
 // prints the ratio. Peers on this kind of machine (../shared/PEERS.md): llm.c
 // manages 170 tok/s (6 layers, 384 wide, 4 x 256) and 43 tok/s (GPT-2 small,
@@ -37,6 +37,9 @@ struct gpt2_small {  // 12 layers, 12 heads, width 768, context 256, GPT-2 vocab
 };
 struct gpt2_small_context_64 : gpt2_small {  // llm.c's measured GPT-2 small shape (4 x 64)
   static constexpr int context = 64;
+};
+struct llmc_6_layer : gpt2_small {  // llm.c's other measured shape: 6 layers, width 384, 6 heads, 4 x 256 (30 M)
+  static constexpr int d_model = 384, n_layer = 6, n_head = 6, n_kv_head = 6, d_ff = 1536;
 };
 
 template <class Cfg, class Precision>
@@ -77,6 +80,7 @@ void train_step(benchmark::State& state) {
 
 BENCHMARK_TEMPLATE(train_step, nanogpt_cpu, train::fp32)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK_TEMPLATE(train_step, nanogpt_cpu, train::bf16_mixed)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK_TEMPLATE(train_step, llmc_6_layer, train::fp32)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
 BENCHMARK_TEMPLATE(train_step, gpt2_small_context_64, train::fp32)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
 BENCHMARK_TEMPLATE(train_step, gpt2_small, train::fp32)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 BENCHMARK_TEMPLATE(train_step, gpt2_small, train::bf16_mixed)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
