@@ -42,7 +42,7 @@ inline kv_vec load_kv(const E* p) {
     return {_mm256_cvtepi32_ps(w)};
   }
 #else
-  return {to_float(*p)};
+  return kv_vec::splat(to_float(*p));
 #endif
 }
 
