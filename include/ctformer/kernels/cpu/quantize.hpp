@@ -279,6 +279,51 @@ inline float dot_row(const quant::block_q4_0* w, const q8_activations& a) {
   return total;
 }
 
+#if defined(__AVX2__) && !defined(CTFORMER_QUANT_AVX512_VNNI)
+#define CTFORMER_QUANT_TWO_ROWS 1
+/// One block's integer dot with the activation block x (sum xsum): 8 int32 lanes.
+inline __m256i block_dot(const quant::block_q4_0& w, __m256i x, std::int32_t xsum) {
+  return dot_q4_x8(unpack_q4_0(w.qs), x, xsum);
+}
+
+/// dot_row for two q4_0 rows at once: each activation block, its sum and scale
+/// are loaded once for both rows, and the two rows' chains overlap. Per row
+/// the same operations in the same order as dot_row, so the same bits.
+inline void dot_two_rows(const quant::block_q4_0* w0, const quant::block_q4_0* w1, const q8_activations& a, float& out0, float& out1) {
+  const index_t nb = a.blocks;
+  const std::int8_t* xq = a.q.data();
+  const float* xd = a.d.data();
+  const std::int32_t* xs = a.sum.data();
+  __m256 acc00 = _mm256_setzero_ps(), acc01 = _mm256_setzero_ps();  // row 0, even / odd blocks
+  __m256 acc10 = _mm256_setzero_ps(), acc11 = _mm256_setzero_ps();  // row 1
+  index_t b = 0;
+  for (; b + 2 <= nb; b += 2) {
+    prefetch_weights(w0 + b);
+    prefetch_weights(w1 + b);
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk));
+    const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + (b + 1) * qk));
+    const float d0 = xd[b], d1 = xd[b + 1];
+    acc00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w0[b], x0, xs[b])),
+                            _mm256_set1_ps(fp16_to_float(w0[b].d) * d0), acc00);
+    acc10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w1[b], x0, xs[b])),
+                            _mm256_set1_ps(fp16_to_float(w1[b].d) * d0), acc10);
+    acc01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w0[b + 1], x1, xs[b + 1])),
+                            _mm256_set1_ps(fp16_to_float(w0[b + 1].d) * d1), acc01);
+    acc11 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w1[b + 1], x1, xs[b + 1])),
+                            _mm256_set1_ps(fp16_to_float(w1[b + 1].d) * d1), acc11);
+  }
+  for (; b < nb; ++b) {
+    const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * qk));
+    acc00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w0[b], x0, xs[b])),
+                            _mm256_set1_ps(fp16_to_float(w0[b].d) * xd[b]), acc00);
+    acc10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot(w1[b], x0, xs[b])),
+                            _mm256_set1_ps(fp16_to_float(w1[b].d) * xd[b]), acc10);
+  }
+  out0 = 0.0f + hsum(_mm256_add_ps(acc00, acc01));
+  out1 = 0.0f + hsum(_mm256_add_ps(acc10, acc11));
+}
+#endif
+
 /// int8_rowwise: sum_b d_x[b] * (w_q . x_q)_b + (w_q . x)_tail, without the row scale.
 inline float dot_row_i8(const std::int8_t* w, const q8_activations& a) {
   const index_t nb = a.blocks;
@@ -443,7 +488,24 @@ template <class Format>
 void gemv_rows(const quant::packed_matrix<Format>& w, const float* xf, const q8_activations& act,
                tensor_view<float, 1> y, index_t begin, index_t end) {
   const index_t cols = w.cols();
-  for (index_t r = begin; r < end; ++r) {
+  index_t r = begin;
+#if defined(CTFORMER_QUANT_TWO_ROWS)
+  // q4_0 only: its GEMV is compute-bound (nibble unpacking), and sharing the
+  // activation loads between two rows measured 3-12% faster. q8_0 is nearer
+  // its memory bound, and two interleaved row streams made its DRAM-resident
+  // case (32000 x 768) 40-60% slower on Zen 3, so it stays one row at a time.
+  if constexpr (std::is_same_v<Format, quant::q4_0>) {
+    using block = typename Format::block_type;
+    for (; r + 2 <= end; r += 2) {
+      float v0, v1;
+      dot_two_rows(reinterpret_cast<const block*>(w.row(r)), reinterpret_cast<const block*>(w.row(r + 1)), act, v0,
+                   v1);
+      y(r) = v0;
+      y(r + 1) = v1;
+    }
+  }
+#endif
+  for (; r < end; ++r) {
     const std::byte* row = w.row(r);
     float v;
     if constexpr (std::is_same_v<Format, quant::q8_0> || std::is_same_v<Format, quant::q4_0>) {
@@ -605,3 +667,4 @@ void quantized_gemm_impl(const par_t& exec, const quant::packed_matrix<Format>& 
 }  // namespace ctformer::cpu
 
 #undef CTFORMER_QUANT_AVX512_VNNI
+#undef CTFORMER_QUANT_TWO_ROWS
