@@ -86,6 +86,30 @@ TEMPLATE_TEST_CASE("quantized_gemv equals the dequantized product within the act
   }
 }
 
+TEMPLATE_TEST_CASE("a row's gemv result does not depend on its neighbours or the thread count", "[quant][gemv]",
+                   quant::q8_0, quant::q4_0) {
+  // The AVX2 q4_0 kernel takes rows two at a time, and how rows pair up
+  // depends on where each thread's range starts; every row must still get
+  // the bits it gets alone (same operations in the same order), so no
+  // tolerance: exact equality.
+  constexpr index_t rows = 301, cols = 768;  // 301 x 768 packed is past the 64 KiB that splits over threads
+  packed_case<TestType> c(rows, cols, 21);
+  const auto x = testing::random_floats(std::size_t(cols), 22);
+  const tensor_view<const float, 1> xv(x.data(), {cols});
+  std::vector<float> one_thread(rows), two_threads(rows);
+  ops::quantized_gemv(cpu::par.with_threads(1), c.p, xv, tensor_view<float, 1>(one_thread.data(), {rows}));
+  ops::quantized_gemv(cpu::par.with_threads(2), c.p, xv, tensor_view<float, 1>(two_threads.data(), {rows}));
+  CHECK(one_thread == two_threads);
+  int differing = 0;
+  for (index_t r = 0; r < rows; ++r) {
+    const quant::packed_matrix<TestType> single(tensor_view<const float, 2>(c.w.data() + r * cols, {1, cols}));
+    float alone = 0.0f;
+    ops::quantized_gemv(cpu::par, single, xv, tensor_view<float, 1>(&alone, {1}));
+    if (alone != one_thread[std::size_t(r)]) ++differing;
+  }
+  CHECK(differing == 0);
+}
+
 TEST_CASE("int8_rowwise gemv handles columns past the last block of 32", "[quant][gemv]") {
   for (index_t cols : {1, 31, 45, 100}) check_gemv<quant::int8_rowwise>(9, cols, 2);
   check_gemv<quant::bf16_weights>(9, 45, 1);
