@@ -241,3 +241,27 @@ TEST_CASE("precision policies keep fp32 master weights", "[train][precision]") {
   STATIC_REQUIRE(std::is_same_v<train::bf16_mixed::master_type, float>);
   STATIC_REQUIRE_FALSE(train::precision_policy<int>);
 }
+
+TEST_CASE("decay ranges: matrices always, embeddings on request, norms and biases only with decay_all",
+          "[train][optimizer]") {
+  using nn::parameter_kind;
+  const std::vector<nn::parameter_info> table = {{"token_embedding", 0, {4, 4}, parameter_kind::embedding},
+                                                 {"ln.weight", 16, {4}, parameter_kind::norm},
+                                                 {"qkv_weight", 32, {4, 2}, parameter_kind::matrix},
+                                                 {"qkv_bias", 48, {3}, parameter_kind::bias}};
+  // Whether element i of each tensor above decays under the ranges.
+  auto decays = [](const std::vector<parameter_range>& ranges, index_t i) {
+    for (const auto& r : ranges)
+      if (i >= r.offset && i < r.offset + r.size) return r.decay;
+    return false;
+  };
+  const index_t embedding = 3, norm = 17, matrix = 35, bias = 49;
+  const auto plain = nn::decay_ranges(table);
+  CHECK((!decays(plain, embedding) && !decays(plain, norm) && decays(plain, matrix) && !decays(plain, bias)));
+  const auto with_embeddings = nn::decay_ranges(table, false, true);
+  CHECK((decays(with_embeddings, embedding) && !decays(with_embeddings, norm) && decays(with_embeddings, matrix) &&
+         !decays(with_embeddings, bias)));
+  const auto everything = nn::decay_ranges(table, true);
+  CHECK((decays(everything, embedding) && decays(everything, norm) && decays(everything, matrix) &&
+         decays(everything, bias)));
+}

@@ -14,17 +14,12 @@
 namespace ctformer::cpu {
 
 namespace detail {
-/// Per-thread scratch that grows once and is then reused (no allocation in
-/// steady state): `floats` floats and `pointers` row pointers.
-struct attention_scratch_rows {
-  std::vector<float> floats;
-  std::vector<const float*> pointers;
-};
-inline attention_scratch_rows& attention_training_scratch(index_t floats, index_t pointers) {
-  thread_local attention_scratch_rows scratch;
-  if (scratch.floats.size() < std::size_t(floats)) scratch.floats.resize(std::size_t(floats));
-  if (scratch.pointers.size() < std::size_t(pointers)) scratch.pointers.resize(std::size_t(pointers));
-  return scratch;
+/// Per-thread row pointers that only grow (the floats beside them come from
+/// scratch_floats): no allocation in steady state.
+inline const float** row_pointer_scratch(index_t n) {
+  thread_local std::vector<const float*> pointers;
+  if (pointers.size() < std::size_t(n)) pointers.resize(std::size_t(n));
+  return pointers.data();
 }
 
 /// n rounded up to a multiple of 8, at most limit.
@@ -48,8 +43,7 @@ inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const f
   const index_t group = heads / k.extent(2);
   detail::parallel_for(exec, batch * heads, [&](index_t bh) {
     const index_t b = bh / heads, h = bh % heads, g = h / group;
-    auto& scratch = detail::attention_training_scratch(0, 2 * t_len);
-    const float** key_rows = scratch.pointers.data();
+    const float** key_rows = detail::row_pointer_scratch(2 * t_len);
     const float** value_rows = key_rows + t_len;
     for (index_t j = 0; j < t_len; ++j) key_rows[j] = &k(b, j, g, 0), value_rows[j] = &v(b, j, g, 0);
     for (index_t i = 0; i < t_len; ++i) {
@@ -83,11 +77,10 @@ inline void causal_attention_backward_impl(const par_t& exec, tensor_view<const 
   detail::parallel_for(exec, batch * kv_heads, [&](index_t bg) {
     const index_t b = bg / kv_heads, g = bg % kv_heads;
     // dS (T, T), then one column of P and of dS; rows of K, V, dO and Q.
-    auto& scratch = detail::attention_training_scratch(t_len * t_len + 2 * t_len, 4 * t_len);
-    float* dscores = scratch.floats.data();
+    float* dscores = detail::scratch_floats(6, std::size_t(t_len * t_len + 2 * t_len));
     float* p_column = dscores + t_len * t_len;
     float* ds_column = p_column + t_len;
-    const float** key_rows = scratch.pointers.data();
+    const float** key_rows = detail::row_pointer_scratch(4 * t_len);
     const float** value_rows = key_rows + t_len;
     const float** dout_rows = value_rows + t_len;
     const float** query_rows = dout_rows + t_len;

@@ -8,7 +8,6 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
-#include <vector>
 
 #include "ctformer/core/kv_view.hpp"
 #include "ctformer/kernels/cpu/detail/attention_rows.hpp"
@@ -19,9 +18,6 @@ namespace ctformer::cpu {
 
 namespace detail {
 
-/// The largest head dimension the cached-attention kernel takes: its per-query
-/// accumulator lives on the stack, so nothing is allocated per call.
-inline constexpr index_t cached_attention_max_head_dim = 512;
 /// Keys scored per tile: the tile's scores sit on the stack, one exp pass and
 /// one rescale of the accumulator per tile rather than per key.
 inline constexpr index_t cached_attention_tile = 64;
@@ -135,16 +131,6 @@ void attend_key_range(const float* q, index_t h0, index_t h1, index_t group, con
   }
 }
 
-/// Per-thread scratch floats of cached attention, which only grow: slot 0
-/// holds a decode step's partial results (calling thread), slot 1 a task's
-/// running state (every thread, the calling one included).
-inline float* attention_scratch(int slot, std::size_t n) {
-  thread_local std::vector<float> slots[2];
-  std::vector<float>& s = slots[slot];
-  if (s.size() < n) s.resize(n);
-  return s.data();
-}
-
 }  // namespace detail
 
 /// Causal attention of T new queries at positions [start, start + T) over a
@@ -176,7 +162,7 @@ void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, con
   // Partial results of the parts of a decode step: (part, head) max and sum,
   // then (part, head, d) accumulators, then one merge weight per part; a
   // single part writes out directly.
-  float* partial = parts > 1 ? detail::attention_scratch(0, std::size_t(parts * (heads * (d + 2) + 1))) : nullptr;
+  float* partial = parts > 1 ? detail::scratch_floats(4, std::size_t(parts * (heads * (d + 2) + 1))) : nullptr;
   auto run = [&](index_t task) {
     const index_t split = task % splits, part = (task / splits) % parts, t = task / (splits * parts);
     const index_t g0 = kv.kv_heads * split / splits, g1 = kv.kv_heads * (split + 1) / splits;
@@ -184,7 +170,7 @@ void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, con
     const index_t n_keys = start + t + 1;
     const index_t k0 = part * detail::cached_attention_part;
     const index_t k1 = parts > 1 ? std::min(n_keys, k0 + detail::cached_attention_part) : n_keys;
-    float* scratch = detail::attention_scratch(1, std::size_t(n * (d + 2 + detail::cached_attention_tile)));
+    float* scratch = detail::scratch_floats(5, std::size_t(n * (d + 2 + detail::cached_attention_tile)));
     float* max = scratch;
     float* sum = scratch + n;
     float* acc = scratch + 2 * n;

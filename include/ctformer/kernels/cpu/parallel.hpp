@@ -61,9 +61,12 @@ int parallel_ranges(const par_t& exec, index_t n, Body&& body, index_t min_paral
 /// ever grow: a kernel borrows slot s for the duration of one call (and may
 /// hand it to its worker threads), so nothing allocates in steady state.
 /// Slots: 0, 1 parameter-gradient partials; 2, 3 contiguous copies of strided
-/// parameters.
+/// parameters; 4 a decode step's attention partials (calling thread); 5 an
+/// attention task's running state (any thread); 6 the training attention's
+/// dS rows (any thread).
+inline constexpr int scratch_slots = 7;
 inline float* scratch_floats(int slot, std::size_t n) {
-  thread_local std::vector<float> slots[4];
+  thread_local std::vector<float> slots[scratch_slots];
   std::vector<float>& s = slots[slot];
   if (s.size() < n) s.resize(n);
   return s.data();
