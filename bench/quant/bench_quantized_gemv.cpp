@@ -1,5 +1,5 @@
 // GEMV y = W x with packed weights (the decode step of linear<Format>): fp32,
-// bf16, q8_0, q4_0 and int8_rowwise at 768x768, 2048x768 and 32000x768, on 1
+// bf16, q8_0, q4_0 (row-major and interleaved by 8 rows) and int8_rowwise at 768x768, 2048x768 and 32000x768, on 1
 // and 2 threads, reported as GB/s of weight bytes read next to this machine's
 // STREAM-style triad bandwidth measured in the same run; and the prefill
 // GEMM (T = 128 tokens) in GFLOP/s.
@@ -25,16 +25,28 @@ constexpr index_t cols = 768;
 
 double bandwidth[3] = {0, 0, 0};  // [threads]
 
+/// Benchmark tag for the row-interleaved q4_0 layout (same bytes as q4_0).
+struct q4_0_interleaved {};
 template <class Format>
-const quant::packed_matrix<Format>& weights(index_t rows) {
-  static std::map<index_t, std::unique_ptr<quant::packed_matrix<Format>>> cache;
+struct matrix_of {
+  using type = quant::packed_matrix<Format>;
+};
+template <>
+struct matrix_of<q4_0_interleaved> {
+  using type = quant::interleaved_q4_0_matrix;
+};
+
+template <class Format>
+const typename matrix_of<Format>::type& weights(index_t rows) {
+  using matrix = typename matrix_of<Format>::type;
+  static std::map<index_t, std::unique_ptr<matrix>> cache;
   auto& slot = cache[rows];
   if (!slot) {
     std::vector<float> w(std::size_t(rows * cols));
     std::mt19937 rng{static_cast<unsigned>(rows)};
     std::normal_distribution<float> dist(0.0f, 0.02f);
     for (float& v : w) v = dist(rng);
-    slot = std::make_unique<quant::packed_matrix<Format>>(tensor_view<const float, 2>(w.data(), {rows, cols}));
+    slot = std::make_unique<matrix>(tensor_view<const float, 2>(w.data(), {rows, cols}));
   }
   return *slot;
 }
@@ -108,10 +120,12 @@ BENCHMARK(bm_gemv_ops_gemm)->Apply(shapes);
 BENCHMARK(bm_gemv<quant::bf16_weights>)->Apply(shapes);
 BENCHMARK(bm_gemv<quant::q8_0>)->Apply(shapes);
 BENCHMARK(bm_gemv<quant::q4_0>)->Apply(shapes);
+BENCHMARK(bm_gemv<q4_0_interleaved>)->Apply(shapes);
 BENCHMARK(bm_gemv<quant::int8_rowwise>)->Apply(shapes);
 BENCHMARK(bm_gemm<quant::fp32>)->Apply(gemm_shapes);
 BENCHMARK(bm_gemm<quant::q8_0>)->Apply(gemm_shapes);
 BENCHMARK(bm_gemm<quant::q4_0>)->Apply(gemm_shapes);
+BENCHMARK(bm_gemm<q4_0_interleaved>)->Apply(gemm_shapes);
 
 }  // namespace
 

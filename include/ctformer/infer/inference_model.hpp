@@ -18,13 +18,26 @@
 #include "ctformer/nn/model.hpp"
 #include "ctformer/nn/parameters.hpp"
 #include "ctformer/ops/ops.hpp"
+#include "ctformer/quant/interleaved_q4_0.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
 
 namespace ctformer::infer {
 
+/// The matrix a linear layer's weights are kept in for inference: row-major
+/// packed rows, except q4_0, whose rows are interleaved by 8 (the same bytes)
+/// so that decode and prefill run its integer kernels eight rows at a time.
+template <class Format>
+struct inference_weights {
+  using type = quant::packed_matrix<Format>;
+};
+template <>
+struct inference_weights<quant::q4_0> {
+  using type = quant::interleaved_q4_0_matrix;
+};
+
 /// A decoder-only Transformer prepared for generation. Every linear layer
 /// (qkv, attention output, MLP up and down, and the LM head, tied or not) is
-/// a quant::packed_matrix<Format>; the token and position embeddings, norms
+/// packed in Format (inference_weights<Format>); the token and position embeddings, norms
 /// and biases stay fp32. Activations live in scratch sized at construction
 /// for max_chunk tokens: prefill and decode allocate nothing.
 ///
@@ -57,6 +70,10 @@ class inference_model {
   static constexpr bool learned_positions = std::is_same_v<typename Cfg::position, nn::learned_position>;
   static constexpr bool rotary = std::is_same_v<typename Cfg::position, nn::rope>;
   static constexpr bool layer_norm = std::is_same_v<typename Cfg::norm, nn::layer_norm>;
+  /// The matrix type of every linear layer's weights.
+  using weight_matrix = typename inference_weights<Format>::type;
+  /// Whether prefill chunks run an integer GEMM rather than dequantizing to fp32.
+  static constexpr bool integer_gemm = std::is_same_v<weight_matrix, quant::interleaved_q4_0_matrix>;
 
   /// Chunks of at least this many tokens dequantize a packed matrix whole and
   /// use the fp32 GEMM; shorter ones use the packed-weight GEMM.
@@ -167,10 +184,10 @@ class inference_model {
     tensor_view<float, 1> attention_norm_weight, attention_norm_bias;  // (C)
     tensor_view<float, 1> mlp_norm_weight, mlp_norm_bias;              // (C)
     tensor_view<float, 1> qkv_bias, output_bias, up_bias, down_bias;   // (qkv_width), (C), (up_width), (C)
-    quant::packed_matrix<Format> qkv;     // (qkv_width, C)
-    quant::packed_matrix<Format> output;  // (C, C)
-    quant::packed_matrix<Format> up;      // (up_width, C): gate rows first when gated
-    quant::packed_matrix<Format> down;    // (C, F)
+    weight_matrix qkv;     // (qkv_width, C)
+    weight_matrix output;  // (C, C)
+    weight_matrix up;      // (up_width, C): gate rows first when gated
+    weight_matrix down;    // (C, F)
   };
 
   // --- construction -------------------------------------------------------------
@@ -208,7 +225,10 @@ class inference_model {
     auto pack = [&](const std::string& name, index_t rows, index_t cols) {
       quant::packed_matrix<Format> m(rows, cols);
       ops::quantize(exec_, tensor_view<const float, 2>(find(name, {rows, cols}), {rows, cols}), m);
-      return m;
+      if constexpr (std::is_same_v<weight_matrix, quant::packed_matrix<Format>>)
+        return m;
+      else
+        return weight_matrix(m);
     };
     auto zeros = [&](index_t n) {
       tensor_view<float, 1> v(dense_.data() + used, {n});
@@ -260,7 +280,7 @@ class inference_model {
     rstd_ = carve(t);
     logits_ = tensor_view<float, 1>(carve(vocab), {vocab});
     ids_ = buffer<std::int32_t>(std::size_t(2 * t), 0);
-    if constexpr (!std::is_same_v<Format, quant::fp32>) {
+    if constexpr (!std::is_same_v<Format, quant::fp32> && !integer_gemm) {
       if (t >= dequantize_min_tokens)
         weight_scratch_ = buffer<float>(std::size_t(std::max({traits::qkv_width * d_model, d_model * d_model,
                                                               traits::up_width * d_model, d_model * d_ff})));
@@ -306,7 +326,7 @@ class inference_model {
   // --- forward ------------------------------------------------------------------
   // y (T, O) = x (T, I) W^T + bias: the fused dequantise-and-dot GEMV for one
   // token, the tiled packed GEMM for a chunk.
-  void linear(const quant::packed_matrix<Format>& w, tensor_view<const float, 2> x, tensor_view<float, 2> y,
+  void linear(const weight_matrix& w, tensor_view<const float, 2> x, tensor_view<float, 2> y,
               tensor_view<float, 1> bias) {
     if (x.extent(0) == 1) {
       ops::quantized_gemv(exec_, w, x[0], y[0]);
@@ -315,6 +335,10 @@ class inference_model {
       // beats the packed-weight GEMM's small 4 x 3 micro-kernel here.
       const tensor_view<const float, 2> weights(reinterpret_cast<const float*>(w.data()), {w.rows(), w.cols()});
       ops::gemm(exec_, x, weights.transposed(), y);
+    } else if constexpr (integer_gemm) {
+      // Interleaved q4_0: the int8 GEMM (tokens rounded to int8 blocks as at
+      // decode) beats dequantizing to fp32 at every chunk length.
+      ops::quantized_gemm(exec_, w, x, y);
     } else if (x.extent(0) >= dequantize_min_tokens) {
       // A long chunk: dequantize the whole matrix once into scratch (cheap
       // next to T dot products per weight) and run the blocked fp32 GEMM.
@@ -411,7 +435,7 @@ class inference_model {
   tensor_view<float, 2> token_embedding_, position_embedding_;  // (V, C), (max_seq, C)
   layer_weights layers_[n_layer];
   tensor_view<float, 1> final_norm_weight_, final_norm_bias_;  // (C)
-  quant::packed_matrix<Format> lm_head_;                       // (V, C)
+  weight_matrix lm_head_;                                      // (V, C)
   buffer<float> rope_;                                         // cos (max_seq, D/2), then sin
 
   buffer<float> scratch_;

@@ -3,11 +3,20 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 
 #include "ctformer/core/error.hpp"
 #include "ctformer/exec/execution_policy.hpp"
 #include "ctformer/ops/view_traits.hpp"
+#include "ctformer/quant/interleaved_q4_0.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
+
+namespace ctformer::quant {
+/// A matrix of weights the packed-weight ops take: a packed_matrix of any
+/// format, or the row-interleaved q4_0 layout.
+template <class W>
+concept packed_weights = is_packed_matrix<W> || std::is_same_v<W, interleaved_q4_0_matrix>;
+}  // namespace ctformer::quant
 
 namespace ctformer::ops {
 
@@ -45,9 +54,9 @@ void quantize(const P& exec, const W& w, quant::packed_matrix<Format>& out) {
 }
 
 /// out = the fp32 values the packed weights stand for. out: (rows, cols), rows contiguous.
-template <execution_policy P, quant::weight_format Format, view_of_rank<2> O>
+template <execution_policy P, quant::packed_weights W, view_of_rank<2> O>
   requires writable_view<O>
-void dequantize(const P& exec, const quant::packed_matrix<Format>& w, const O& out) {
+void dequantize(const P& exec, const W& w, const O& out) {
   detail::require_packed_rows("dequantize", w, "out", out, 0, w.rows(), "rows");
   detail::require_packed_rows("dequantize", w, "out", out, 1, w.cols(), "columns");
   detail::require_unit_last_stride("dequantize", "out", out);
@@ -64,10 +73,10 @@ void dequantize(const P& exec, const quant::packed_matrix<Format>& w, const O& o
 /// dequantize(W) x by at most sum_b (d_x[b] / 2) * sum_{i in b} |W[r, i]|.
 /// bf16 and fp32 weights are dotted with x in fp32.
 /// w: (out, in), x: (in), y: (out).
-/// @tparam Format the weight_format of w
-template <execution_policy P, quant::weight_format Format, view_of_rank<1> X, view_of_rank<1> Y>
+/// @tparam W a quant::packed_matrix of any format, or quant::interleaved_q4_0_matrix
+template <execution_policy P, quant::packed_weights W, view_of_rank<1> X, view_of_rank<1> Y>
   requires writable_view<Y>
-void quantized_gemv(const P& exec, const quant::packed_matrix<Format>& w, const X& x, const Y& y) {
+void quantized_gemv(const P& exec, const W& w, const X& x, const Y& y) {
   static_assert(std::is_same_v<typename X::value_type, float> && std::is_same_v<typename Y::value_type, float>,
                 "ctformer: quantized_gemv takes fp32 x and y");
   detail::require_packed_rows("quantized_gemv", w, "x", x, 0, w.cols(), "columns");
@@ -75,18 +84,21 @@ void quantized_gemv(const P& exec, const quant::packed_matrix<Format>& w, const 
   if constexpr (requires { quantized_gemv_impl(exec, w, as_const(x), y); }) {
     quantized_gemv_impl(exec, w, as_const(x), y);
   } else {
-    static_assert(dependent_false<P, Format>,
+    static_assert(dependent_false<P, W>,
                   "ctformer: quantized_gemv has no implementation for this execution policy and weight format");
   }
 }
 
 /// y = x W^T for T tokens at once (prefill of linear<Format>), with W packed.
-/// Matches dequantize(W) then an fp32 GEMM, up to summation order.
+/// For a packed_matrix it matches dequantize(W) then an fp32 GEMM, up to
+/// summation order (tiles of weights are dequantized; x stays fp32). The
+/// interleaved q4_0 layout rounds x to int8 blocks as the GEMV does, and each
+/// token's row of y is bit-identical to quantized_gemv of that token.
 /// w: (out, in), x: (T, in) rows contiguous, y: (T, out).
-/// @tparam Format the weight_format of w
-template <execution_policy P, quant::weight_format Format, view_of_rank<2> X, view_of_rank<2> Y>
+/// @tparam W a quant::packed_matrix of any format, or quant::interleaved_q4_0_matrix
+template <execution_policy P, quant::packed_weights W, view_of_rank<2> X, view_of_rank<2> Y>
   requires writable_view<Y>
-void quantized_gemm(const P& exec, const quant::packed_matrix<Format>& w, const X& x, const Y& y) {
+void quantized_gemm(const P& exec, const W& w, const X& x, const Y& y) {
   static_assert(std::is_same_v<typename X::value_type, float> && std::is_same_v<typename Y::value_type, float>,
                 "ctformer: quantized_gemm takes fp32 x and y");
   detail::require_packed_rows("quantized_gemm", w, "x", x, 1, w.cols(), "columns");
@@ -96,7 +108,7 @@ void quantized_gemm(const P& exec, const quant::packed_matrix<Format>& w, const 
   if constexpr (requires { quantized_gemm_impl(exec, w, as_const(x), y); }) {
     quantized_gemm_impl(exec, w, as_const(x), y);
   } else {
-    static_assert(dependent_false<P, Format>,
+    static_assert(dependent_false<P, W>,
                   "ctformer: quantized_gemm has no implementation for this execution policy and weight format");
   }
 }

@@ -12,6 +12,7 @@
 #include "ctformer/kernels/cpu/norm.hpp"
 #include "ctformer/kernels/cpu/optimizer.hpp"
 #include "ctformer/kernels/cpu/quantize.hpp"
+#include "ctformer/kernels/cpu/quantize_interleaved.hpp"
 #include "ctformer/kernels/cpu/rope.hpp"
 #include "ctformer/kernels/cpu/softmax.hpp"
 #include "ctformer/kernels/cpu/sparse_gemv.hpp"

@@ -1,0 +1,151 @@
+// quant::interleaved_q4_0_matrix: the repacking keeps every block's bits, and
+// its GEMV / GEMM / dequantize kernels agree with the row-major q4_0 values,
+// with each other and with themselves across thread counts, bit for bit.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ctformer/exec/cpu.hpp"
+#include "ctformer/kernels/cpu/quantize_interleaved.hpp"
+#include "ctformer/ops/quantize.hpp"
+#include "ctformer/quant/interleaved_q4_0.hpp"
+#include "../../support/test_support.hpp"
+
+using namespace ctformer;
+
+namespace {
+
+struct interleaved_case {
+  index_t rows, cols;
+  std::vector<float> w, wd;  // original and dequantized (rows, cols)
+  quant::packed_matrix<quant::q4_0> row_major;
+  quant::interleaved_q4_0_matrix m;
+  interleaved_case(index_t r, index_t c, std::uint32_t seed)
+      : rows(r), cols(c), w(testing::random_floats(std::size_t(r * c), seed)), wd(w.size()),
+        row_major(tensor_view<const float, 2>(w.data(), {r, c})), m(row_major) {
+    row_major.dequantize(tensor_view<float, 2>(wd.data(), {r, c}));
+  }
+};
+
+// Shapes: whole groups only, a tail of 5 rows, fewer rows than a group, and
+// the model's 768 columns (24 blocks).
+const index_t shapes[][2] = {{8, 32}, {21, 96}, {3, 64}, {301, 768}, {64, 256}};
+
+}  // namespace
+
+TEST_CASE("interleaving keeps every q4_0 block and its values exactly", "[quant][interleaved]") {
+  for (const auto& s : shapes) {
+    interleaved_case c(s[0], s[1], std::uint32_t(s[0] + s[1]));
+    INFO("shape (" << c.rows << ", " << c.cols << ")");
+    CHECK(c.m.bytes() == c.row_major.bytes());
+    CHECK(c.m.groups() == c.rows / 8);
+    int differing_blocks = 0;
+    for (index_t r = 0; r < c.rows; ++r)
+      for (index_t b = 0; b < c.cols / 32; ++b) {
+        const quant::block_q4_0 blk = c.m.block(r, b);
+        if (std::memcmp(&blk, c.row_major.row(r) + b * 18, 18) != 0) ++differing_blocks;
+      }
+    CHECK(differing_blocks == 0);
+    // Exact: both sides compute d * (q - 8) in fp32 from the same bits.
+    std::vector<float> reference(c.w.size()), kernel(c.w.size(), -1.0f);
+    c.m.dequantize(tensor_view<float, 2>(reference.data(), {c.rows, c.cols}));
+    CHECK(reference == c.wd);
+    for (int threads : {1, 2}) {
+      ops::dequantize(cpu::par.with_threads(threads), c.m, tensor_view<float, 2>(kernel.data(), {c.rows, c.cols}));
+      CHECK(kernel == c.wd);
+    }
+  }
+}
+
+TEST_CASE("interleaved q4_0 gemv equals the dequantized product within the activation-rounding bound",
+          "[quant][interleaved][gemv]") {
+  for (const auto& s : shapes) {
+    interleaved_case c(s[0], s[1], std::uint32_t(7 * s[0] + s[1]));
+    auto x = testing::random_floats(std::size_t(c.cols), 99, -2.0f, 2.0f);
+    x[0] = 0.0f;
+    for (int threads : {1, 2}) {
+      std::vector<float> y(std::size_t(c.rows), -1.0f);
+      ops::quantized_gemv(cpu::par.with_threads(threads), c.m, tensor_view<const float, 1>(x.data(), {c.cols}),
+                          tensor_view<float, 1>(y.data(), {c.rows}));
+      for (index_t r = 0; r < c.rows; ++r) {
+        // x is rounded to int8 blocks with scale d_b = max|x_b| / 127, so the
+        // kernel computes W' x' with |x - x'| <= d_b / 2: bound sum_b d_b / 2
+        // * sum_{i in b} |W'[r, i]|, plus 1e-5 of sum |W' x| for fp32 sums.
+        double ref = 0, bound = 1e-6;
+        for (index_t b = 0; b < c.cols / 32; ++b) {
+          double amax = 0, wsum = 0;
+          for (index_t i = b * 32; i < b * 32 + 32; ++i) {
+            const double wv = c.wd[std::size_t(r * c.cols + i)];
+            amax = std::max(amax, std::fabs(double(x[std::size_t(i)])));
+            wsum += std::fabs(wv);
+            ref += wv * x[std::size_t(i)];
+            bound += 1e-5 * std::fabs(wv * x[std::size_t(i)]);
+          }
+          bound += amax / 127.0 / 2.0 * wsum * (1 + 1e-5);
+        }
+        INFO("row " << r << " of (" << c.rows << ", " << c.cols << "), threads " << threads);
+        REQUIRE(std::fabs(double(y[std::size_t(r)]) - ref) <= bound);
+      }
+    }
+  }
+}
+
+TEST_CASE("an interleaved row gets the same bits in a group, as a tail row, on any thread count, in the gemm",
+          "[quant][interleaved][gemv]") {
+  // Every path does the same per-row operations in the same order (exact
+  // integer block dots, then one fma per block), so no tolerance.
+  interleaved_case c(301, 768, 5);  // 37 groups + 5 tail rows, past the 64 KiB that splits over threads
+  const index_t tokens = 9;         // two passes of 4 tokens and one of 1
+  const auto x = testing::random_floats(std::size_t(tokens * c.cols), 6, -3.0f, 3.0f);
+  std::vector<float> one(std::size_t(c.rows)), two(std::size_t(c.rows));
+  const tensor_view<const float, 1> x0(x.data(), {c.cols});
+  ops::quantized_gemv(cpu::par.with_threads(1), c.m, x0, tensor_view<float, 1>(one.data(), {c.rows}));
+  ops::quantized_gemv(cpu::par.with_threads(2), c.m, x0, tensor_view<float, 1>(two.data(), {c.rows}));
+  CHECK(one == two);
+
+  cpu::detail::q8_activations act;
+  cpu::detail::quantize_activations(x.data(), c.cols, act);
+  int differing = 0;
+  for (index_t r = 0; r < c.rows; ++r) {
+    if (cpu::detail::interleaved_row_dot(c.m, r, act) != one[std::size_t(r)]) ++differing;
+    // The same row alone is a tail row of a one-row matrix.
+    const quant::interleaved_q4_0_matrix single(tensor_view<const float, 2>(c.w.data() + r * c.cols, {1, c.cols}));
+    float alone = 0.0f;
+    ops::quantized_gemv(cpu::par, single, x0, tensor_view<float, 1>(&alone, {1}));
+    if (alone != one[std::size_t(r)]) ++differing;
+  }
+  CHECK(differing == 0);
+
+  for (int threads : {1, 2}) {
+    std::vector<float> y(std::size_t(tokens * c.rows), -1.0f);
+    ops::quantized_gemm(cpu::par.with_threads(threads), c.m, tensor_view<const float, 2>(x.data(), {tokens, c.cols}),
+                        tensor_view<float, 2>(y.data(), {tokens, c.rows}));
+    int differing_tokens = 0;
+    for (index_t t = 0; t < tokens; ++t) {
+      std::vector<float> row(std::size_t(c.rows));
+      ops::quantized_gemv(cpu::par, c.m, tensor_view<const float, 1>(x.data() + t * c.cols, {c.cols}),
+                          tensor_view<float, 1>(row.data(), {c.rows}));
+      if (!std::equal(row.begin(), row.end(), y.begin() + t * c.rows)) ++differing_tokens;
+    }
+    INFO("threads " << threads);
+    CHECK(differing_tokens == 0);
+  }
+}
+
+TEST_CASE("interleaved q4_0 ops report shape mismatches", "[quant][interleaved]") {
+  interleaved_case c(16, 64, 3);
+  std::vector<float> x(96), y(16);
+  CHECK_THROWS_WITH(ops::quantized_gemv(cpu::par, c.m, tensor_view<const float, 1>(x.data(), {96}),
+                                        tensor_view<float, 1>(y.data(), {16})),
+                    Catch::Contains("quantized_gemv") && Catch::Contains("(16, 64)") && Catch::Contains("(96)"));
+  std::vector<float> xt(3 * 64), yt(2 * 16);
+  CHECK_THROWS_AS(ops::quantized_gemm(cpu::par, c.m, tensor_view<const float, 2>(xt.data(), {3, 64}),
+                                      tensor_view<float, 2>(yt.data(), {2, 16})),
+                  shape_error);
+  std::vector<float> out(15 * 64);
+  CHECK_THROWS_AS(ops::dequantize(cpu::par, c.m, tensor_view<float, 2>(out.data(), {15, 64})), shape_error);
+  const std::vector<float> odd(8 * 40, 0.5f);
+  CHECK_THROWS_AS(quant::interleaved_q4_0_matrix(tensor_view<const float, 2>(odd.data(), {8, 40})), shape_error);
+}
