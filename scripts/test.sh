@@ -21,9 +21,9 @@ ctest --test-dir "$build" --output-on-failure -j "$jobs" -L cpu
 echo "== portable build: kernel tests without SIMD flags"
 cmake -S . -B "$build-portable" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=portable -DCTFORMER_ENABLE_CUDA=OFF \
   -DCTFORMER_BUILD_BENCHMARKS=OFF -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
-portable_targets=$(cd tests/unit && ls core/test_*.cpp ops/test_*.cpp 2>/dev/null | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')
+portable_targets=$(cd tests/unit && ls core/test_*.cpp ops/test_*.cpp quant/test_*.cpp 2>/dev/null | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')
 cmake --build "$build-portable" -j "$jobs" --target $portable_targets
-ctest --test-dir "$build-portable" --output-on-failure -j "$jobs" -L 'core|ops'  -R "$(echo $portable_targets | tr ' ' '|')"
+ctest --test-dir "$build-portable" --output-on-failure -j "$jobs" -L 'core|ops|quant' -R "$(echo $portable_targets | tr ' ' '|')"
 
 echo "== AVX-512 build: kernel tests"
 cmake -S . -B "$build-avx512" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=avx512 -DCTFORMER_ENABLE_CUDA=OFF \

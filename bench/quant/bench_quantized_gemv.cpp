@@ -1,8 +1,8 @@
 // GEMV y = W x with packed weights (the decode step of linear<Format>): fp32,
-// bf16, q8_0, q4_0 (row-major and interleaved by 8 rows) and int8_rowwise at 768x768, 2048x768 and 32000x768, on 1
-// and 2 threads, reported as GB/s of weight bytes read next to this machine's
-// STREAM-style triad bandwidth measured in the same run; and the prefill
-// GEMM (T = 128 tokens) in GFLOP/s.
+// bf16, q8_0, q4_0 (row-major, and rows interleaved by 8) and int8_rowwise at
+// 768x768, 2048x768 and 32000x768, on 1 and 2 threads, reported as GB/s of
+// weight bytes read next to this machine's STREAM-style triad bandwidth
+// measured in the same run; and the prefill GEMM (T = 128 tokens) in GFLOP/s.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -25,15 +25,20 @@ constexpr index_t cols = 768;
 
 double bandwidth[3] = {0, 0, 0};  // [threads]
 
-/// Benchmark tag for the row-interleaved q4_0 layout (same bytes as q4_0).
+/// Benchmark tags for the row-interleaved layouts (same bytes as q4_0, q8_0).
 struct q4_0_interleaved {};
+struct q8_0_interleaved {};
 template <class Format>
 struct matrix_of {
   using type = quant::packed_matrix<Format>;
 };
 template <>
 struct matrix_of<q4_0_interleaved> {
-  using type = quant::interleaved_q4_0_matrix;
+  using type = quant::interleaved_matrix<quant::q4_0>;
+};
+template <>
+struct matrix_of<q8_0_interleaved> {
+  using type = quant::interleaved_matrix<quant::q8_0>;
 };
 
 template <class Format>
@@ -121,11 +126,13 @@ BENCHMARK(bm_gemv<quant::bf16_weights>)->Apply(shapes);
 BENCHMARK(bm_gemv<quant::q8_0>)->Apply(shapes);
 BENCHMARK(bm_gemv<quant::q4_0>)->Apply(shapes);
 BENCHMARK(bm_gemv<q4_0_interleaved>)->Apply(shapes);
+BENCHMARK(bm_gemv<q8_0_interleaved>)->Apply(shapes);
 BENCHMARK(bm_gemv<quant::int8_rowwise>)->Apply(shapes);
 BENCHMARK(bm_gemm<quant::fp32>)->Apply(gemm_shapes);
 BENCHMARK(bm_gemm<quant::q8_0>)->Apply(gemm_shapes);
 BENCHMARK(bm_gemm<quant::q4_0>)->Apply(gemm_shapes);
 BENCHMARK(bm_gemm<q4_0_interleaved>)->Apply(gemm_shapes);
+BENCHMARK(bm_gemm<q8_0_interleaved>)->Apply(gemm_shapes);
 
 }  // namespace
 

@@ -18,21 +18,26 @@
 #include "ctformer/nn/model.hpp"
 #include "ctformer/nn/parameters.hpp"
 #include "ctformer/ops/ops.hpp"
-#include "ctformer/quant/interleaved_q4_0.hpp"
+#include "ctformer/quant/interleaved_matrix.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
 
 namespace ctformer::infer {
 
 /// The matrix a linear layer's weights are kept in for inference: row-major
 /// packed rows, except q4_0, whose rows are interleaved by 8 (the same bytes)
-/// so that decode and prefill run its integer kernels eight rows at a time.
+/// so that decode and prefill run integer kernels eight rows at a time: its
+/// row-major GEMV was compute-bound (nibble unpacking), the interleaved one
+/// reaches the memory bound. q8_0 stays row-major: its decode is already
+/// near the bound and interleaving it measured no faster, in decode or in
+/// prefill (its int8 GEMM needs a widening multiply-add per chunk; 85 vs
+/// about 86 GFLOP/s for the fp32 GEMM on Zen 3).
 template <class Format>
 struct inference_weights {
   using type = quant::packed_matrix<Format>;
 };
 template <>
 struct inference_weights<quant::q4_0> {
-  using type = quant::interleaved_q4_0_matrix;
+  using type = quant::interleaved_matrix<quant::q4_0>;
 };
 
 /// A decoder-only Transformer prepared for generation. Every linear layer
@@ -73,7 +78,7 @@ class inference_model {
   /// The matrix type of every linear layer's weights.
   using weight_matrix = typename inference_weights<Format>::type;
   /// Whether prefill chunks run an integer GEMM rather than dequantizing to fp32.
-  static constexpr bool integer_gemm = std::is_same_v<weight_matrix, quant::interleaved_q4_0_matrix>;
+  static constexpr bool integer_gemm = quant::is_interleaved_matrix<weight_matrix>;
 
   /// Chunks of at least this many tokens dequantize a packed matrix whole and
   /// use the fp32 GEMM; shorter ones use the packed-weight GEMM.

@@ -32,7 +32,6 @@ void cached_attention(const P& exec, const Q& q, const kv_view<Element>& kv, con
     fail("the head dimension of q must equal the cache's head_dim " + std::to_string(kv.head_dim));
   if (kv.kv_heads <= 0 || q.extent(1) % kv.kv_heads != 0)
     fail("the cache's " + std::to_string(kv.kv_heads) + " key/value heads must divide the query heads");
-  if (kv.head_dim > 512) fail("head dimensions above 512 are not supported by the CPU kernel");
   if (start < 0 || start + q.extent(0) > kv.capacity)
     fail("positions [" + std::to_string(start) + ", " + std::to_string(start + q.extent(0)) +
          ") are not all reserved in the cache (room for " + std::to_string(kv.capacity) + ")");

@@ -8,14 +8,14 @@
 #include "ctformer/core/error.hpp"
 #include "ctformer/exec/execution_policy.hpp"
 #include "ctformer/ops/view_traits.hpp"
-#include "ctformer/quant/interleaved_q4_0.hpp"
+#include "ctformer/quant/interleaved_matrix.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
 
 namespace ctformer::quant {
 /// A matrix of weights the packed-weight ops take: a packed_matrix of any
-/// format, or the row-interleaved q4_0 layout.
+/// format, or an interleaved_matrix (q4_0, q8_0 rows interleaved by 8).
 template <class W>
-concept packed_weights = is_packed_matrix<W> || std::is_same_v<W, interleaved_q4_0_matrix>;
+concept packed_weights = is_packed_matrix<W> || is_interleaved_matrix<W>;
 }  // namespace ctformer::quant
 
 namespace ctformer::ops {
@@ -73,7 +73,7 @@ void dequantize(const P& exec, const W& w, const O& out) {
 /// dequantize(W) x by at most sum_b (d_x[b] / 2) * sum_{i in b} |W[r, i]|.
 /// bf16 and fp32 weights are dotted with x in fp32.
 /// w: (out, in), x: (in), y: (out).
-/// @tparam W a quant::packed_matrix of any format, or quant::interleaved_q4_0_matrix
+/// @tparam W a quant::packed_matrix of any format, or quant::interleaved_matrix
 template <execution_policy P, quant::packed_weights W, view_of_rank<1> X, view_of_rank<1> Y>
   requires writable_view<Y>
 void quantized_gemv(const P& exec, const W& w, const X& x, const Y& y) {
@@ -91,11 +91,11 @@ void quantized_gemv(const P& exec, const W& w, const X& x, const Y& y) {
 
 /// y = x W^T for T tokens at once (prefill of linear<Format>), with W packed.
 /// For a packed_matrix it matches dequantize(W) then an fp32 GEMM, up to
-/// summation order (tiles of weights are dequantized; x stays fp32). The
-/// interleaved q4_0 layout rounds x to int8 blocks as the GEMV does, and each
+/// summation order (tiles of weights are dequantized; x stays fp32). An
+/// interleaved_matrix rounds x to int8 blocks as the GEMV does, and each
 /// token's row of y is bit-identical to quantized_gemv of that token.
 /// w: (out, in), x: (T, in) rows contiguous, y: (T, out).
-/// @tparam W a quant::packed_matrix of any format, or quant::interleaved_q4_0_matrix
+/// @tparam W a quant::packed_matrix of any format, or quant::interleaved_matrix
 template <execution_policy P, quant::packed_weights W, view_of_rank<2> X, view_of_rank<2> Y>
   requires writable_view<Y>
 void quantized_gemm(const P& exec, const W& w, const X& x, const Y& y) {

@@ -251,3 +251,42 @@ TEST_CASE("cached attention rejects shapes that do not fit the cache", "[infer][
                                         cache.view(0, s), tensor_view<float, 3>(o3.data(), {2, 3, head_dim}), 0, 1.0f),
                   shape_error);  // 2 kv heads do not divide 3 query heads
 }
+
+TEST_CASE("cached attention takes head dimensions past 512", "[infer][kv_cache][attention]") {
+  // The kernel walks a head in chunks of at most 64 elements and sizes its
+  // scratch by head_dim, so a wide head (here 640, one kv head, 2 query
+  // heads, 3 prompt tokens over 70 keys) needs no special case.
+  constexpr index_t d = 640, n = 70, t_len = 3, q_heads = 2;
+  const auto k = testing::random_floats(std::size_t(n * d), 31, -0.2f, 0.2f);
+  const auto v = testing::random_floats(std::size_t(n * d), 32);
+  const auto q = testing::random_floats(std::size_t(t_len * q_heads * d), 33, -0.2f, 0.2f);
+  infer::kv_cache<infer::kv::paged<16, float>> cache(1, 1, d, 80, 80);
+  const auto s = cache.open_sequence();
+  cache.reserve(s, n);
+  cache.write(0, s, 0, tensor_view<const float, 3>(k.data(), {n, 1, d}), tensor_view<const float, 3>(v.data(), {n, 1, d}));
+  std::vector<float> out(q.size());
+  const float scale = 1.0f / std::sqrt(float(d));
+  ops::cached_attention(cpu::par.with_threads(2), tensor_view<const float, 3>(q.data(), {t_len, q_heads, d}),
+                        cache.view(0, s), tensor_view<float, 3>(out.data(), {t_len, q_heads, d}), n - t_len, scale);
+  double worst = 0;
+  for (index_t t = 0; t < t_len; ++t)
+    for (index_t h = 0; h < q_heads; ++h) {
+      const index_t keys = n - t_len + t + 1;  // causal: up to and including its own position
+      std::vector<double> p(static_cast<std::size_t>(keys));
+      double m = -1e300, z = 0;
+      for (index_t j = 0; j < keys; ++j) {
+        double dot = 0;
+        for (index_t e = 0; e < d; ++e) dot += double(q[std::size_t((t * q_heads + h) * d + e)]) * k[std::size_t(j * d + e)];
+        p[std::size_t(j)] = dot * scale;
+        m = std::max(m, p[std::size_t(j)]);
+      }
+      for (auto& x : p) z += (x = std::exp(x - m));
+      for (index_t e = 0; e < d; ++e) {
+        double acc = 0;
+        for (index_t j = 0; j < keys; ++j) acc += p[std::size_t(j)] * v[std::size_t(j * d + e)];
+        worst = std::max(worst, std::fabs(acc / z - double(out[std::size_t((t * q_heads + h) * d + e)])));
+      }
+    }
+  // fp32 dots of 640 terms and sums of 70 values in [-1, 1]: well under 1e-5.
+  CHECK(worst < 1e-5);
+}

@@ -91,7 +91,8 @@ inline const std::array<std::uint64_t, 256>& expand_table() {
 inline float dot_row_half(const std::byte* row, const float* x, index_t cols) {
   const std::uint8_t* mask = quant::sparse_half::row_mask(row, cols);
   const float* values = quant::sparse_half::row_values(row);
-  const index_t chunks = cols / 8, stored = cols / 2;
+  const index_t chunks = cols / 8;
+  [[maybe_unused]] const index_t stored = cols / 2;  // read by the AVX2 loop only
   index_t c = 0, k = 0;
   float total = 0.0f;
 #if defined(__AVX2__)

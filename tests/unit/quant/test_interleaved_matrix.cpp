@@ -1,6 +1,6 @@
-// quant::interleaved_q4_0_matrix: the repacking keeps every block's bits, and
-// its GEMV / GEMM / dequantize kernels agree with the row-major q4_0 values,
-// with each other and with themselves across thread counts, bit for bit.
+// quant::interleaved_matrix<q4_0 | q8_0>: the repacking keeps every block's
+// bits, and its GEMV / GEMM / dequantize kernels agree with the row-major
+// values, with each other and with themselves across thread counts, bit for bit.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -10,18 +10,19 @@
 #include "ctformer/exec/cpu.hpp"
 #include "ctformer/kernels/cpu/quantize_interleaved.hpp"
 #include "ctformer/ops/quantize.hpp"
-#include "ctformer/quant/interleaved_q4_0.hpp"
+#include "ctformer/quant/interleaved_matrix.hpp"
 #include "../../support/test_support.hpp"
 
 using namespace ctformer;
 
 namespace {
 
+template <class F>
 struct interleaved_case {
   index_t rows, cols;
   std::vector<float> w, wd;  // original and dequantized (rows, cols)
-  quant::packed_matrix<quant::q4_0> row_major;
-  quant::interleaved_q4_0_matrix m;
+  quant::packed_matrix<F> row_major;
+  quant::interleaved_matrix<F> m;
   interleaved_case(index_t r, index_t c, std::uint32_t seed)
       : rows(r), cols(c), w(testing::random_floats(std::size_t(r * c), seed)), wd(w.size()),
         row_major(tensor_view<const float, 2>(w.data(), {r, c})), m(row_major) {
@@ -35,20 +36,22 @@ const index_t shapes[][2] = {{8, 32}, {21, 96}, {3, 64}, {301, 768}, {64, 256}};
 
 }  // namespace
 
-TEST_CASE("interleaving keeps every q4_0 block and its values exactly", "[quant][interleaved]") {
+TEMPLATE_TEST_CASE("interleaving keeps every block and its values exactly", "[quant][interleaved]", quant::q4_0,
+                   quant::q8_0) {
+  constexpr std::size_t block_bytes = sizeof(typename TestType::block_type);
   for (const auto& s : shapes) {
-    interleaved_case c(s[0], s[1], std::uint32_t(s[0] + s[1]));
+    interleaved_case<TestType> c(s[0], s[1], std::uint32_t(s[0] + s[1]));
     INFO("shape (" << c.rows << ", " << c.cols << ")");
     CHECK(c.m.bytes() == c.row_major.bytes());
     CHECK(c.m.groups() == c.rows / 8);
     int differing_blocks = 0;
     for (index_t r = 0; r < c.rows; ++r)
       for (index_t b = 0; b < c.cols / 32; ++b) {
-        const quant::block_q4_0 blk = c.m.block(r, b);
-        if (std::memcmp(&blk, c.row_major.row(r) + b * 18, 18) != 0) ++differing_blocks;
+        const auto blk = c.m.block(r, b);
+        if (std::memcmp(&blk, c.row_major.row(r) + b * block_bytes, block_bytes) != 0) ++differing_blocks;
       }
     CHECK(differing_blocks == 0);
-    // Exact: both sides compute d * (q - 8) in fp32 from the same bits.
+    // Exact: both sides compute d * q (q4_0: d * (q - 8)) in fp32 from the same bits.
     std::vector<float> reference(c.w.size()), kernel(c.w.size(), -1.0f);
     c.m.dequantize(tensor_view<float, 2>(reference.data(), {c.rows, c.cols}));
     CHECK(reference == c.wd);
@@ -59,10 +62,10 @@ TEST_CASE("interleaving keeps every q4_0 block and its values exactly", "[quant]
   }
 }
 
-TEST_CASE("interleaved q4_0 gemv equals the dequantized product within the activation-rounding bound",
-          "[quant][interleaved][gemv]") {
+TEMPLATE_TEST_CASE("interleaved gemv equals the dequantized product within the activation-rounding bound",
+                   "[quant][interleaved][gemv]", quant::q4_0, quant::q8_0) {
   for (const auto& s : shapes) {
-    interleaved_case c(s[0], s[1], std::uint32_t(7 * s[0] + s[1]));
+    interleaved_case<TestType> c(s[0], s[1], std::uint32_t(7 * s[0] + s[1]));
     auto x = testing::random_floats(std::size_t(c.cols), 99, -2.0f, 2.0f);
     x[0] = 0.0f;
     for (int threads : {1, 2}) {
@@ -92,11 +95,11 @@ TEST_CASE("interleaved q4_0 gemv equals the dequantized product within the activ
   }
 }
 
-TEST_CASE("an interleaved row gets the same bits in a group, as a tail row, on any thread count, in the gemm",
-          "[quant][interleaved][gemv]") {
+TEMPLATE_TEST_CASE("an interleaved row gets the same bits in a group, as a tail row, on any thread count, in the gemm",
+                   "[quant][interleaved][gemv]", quant::q4_0, quant::q8_0) {
   // Every path does the same per-row operations in the same order (exact
   // integer block dots, then one fma per block), so no tolerance.
-  interleaved_case c(301, 768, 5);  // 37 groups + 5 tail rows, past the 64 KiB that splits over threads
+  interleaved_case<TestType> c(301, 768, 5);  // 37 groups + 5 tail rows, past the 64 KiB that splits over threads
   const index_t tokens = 9;         // two passes of 4 tokens and one of 1
   const auto x = testing::random_floats(std::size_t(tokens * c.cols), 6, -3.0f, 3.0f);
   std::vector<float> one(std::size_t(c.rows)), two(std::size_t(c.rows));
@@ -111,7 +114,7 @@ TEST_CASE("an interleaved row gets the same bits in a group, as a tail row, on a
   for (index_t r = 0; r < c.rows; ++r) {
     if (cpu::detail::interleaved_row_dot(c.m, r, act) != one[std::size_t(r)]) ++differing;
     // The same row alone is a tail row of a one-row matrix.
-    const quant::interleaved_q4_0_matrix single(tensor_view<const float, 2>(c.w.data() + r * c.cols, {1, c.cols}));
+    const quant::interleaved_matrix<TestType> single(tensor_view<const float, 2>(c.w.data() + r * c.cols, {1, c.cols}));
     float alone = 0.0f;
     ops::quantized_gemv(cpu::par, single, x0, tensor_view<float, 1>(&alone, {1}));
     if (alone != one[std::size_t(r)]) ++differing;
@@ -134,8 +137,8 @@ TEST_CASE("an interleaved row gets the same bits in a group, as a tail row, on a
   }
 }
 
-TEST_CASE("interleaved q4_0 ops report shape mismatches", "[quant][interleaved]") {
-  interleaved_case c(16, 64, 3);
+TEMPLATE_TEST_CASE("interleaved ops report shape mismatches", "[quant][interleaved]", quant::q4_0, quant::q8_0) {
+  interleaved_case<TestType> c(16, 64, 3);
   std::vector<float> x(96), y(16);
   CHECK_THROWS_WITH(ops::quantized_gemv(cpu::par, c.m, tensor_view<const float, 1>(x.data(), {96}),
                                         tensor_view<float, 1>(y.data(), {16})),
@@ -147,5 +150,5 @@ TEST_CASE("interleaved q4_0 ops report shape mismatches", "[quant][interleaved]"
   std::vector<float> out(15 * 64);
   CHECK_THROWS_AS(ops::dequantize(cpu::par, c.m, tensor_view<float, 2>(out.data(), {15, 64})), shape_error);
   const std::vector<float> odd(8 * 40, 0.5f);
-  CHECK_THROWS_AS(quant::interleaved_q4_0_matrix(tensor_view<const float, 2>(odd.data(), {8, 40})), shape_error);
+  CHECK_THROWS_AS(quant::interleaved_matrix<TestType>(tensor_view<const float, 2>(odd.data(), {8, 40})), shape_error);
 }
