@@ -293,15 +293,15 @@ void quantized_gemm_impl(const par_t& exec, const quant::interleaved_matrix<Form
     for (index_t t = tokens * part / parts; t < tokens * (part + 1) / parts; ++t)
       detail::quantize_activations(&x(t, 0), w.cols(), acts[std::size_t(t)]);
   });
-  // Tiles of about 48 KiB, their count a multiple of the thread count so the
-  // static split gives every thread the same work.
+  // Tiles of about 48 KiB of weights, their count a multiple of the thread
+  // count and their sizes within one group of each other, so the static
+  // split gives every thread the same work.
+  const index_t groups = w.groups();
   const index_t group_bytes = w.blocks_per_row() * index_t(matrix::group_block_bytes);
-  index_t tiles = std::max<index_t>(1, w.groups() * group_bytes / (index_t(48) << 10));
-  tiles = std::min(w.groups(), (tiles + threads - 1) / threads * threads);
-  const index_t tile_groups = tiles > 0 ? (w.groups() + tiles - 1) / tiles : 1;
-  tiles = tiles > 0 ? (w.groups() + tile_groups - 1) / tile_groups : 0;
+  index_t tiles = std::max<index_t>(1, groups * group_bytes / (index_t(48) << 10));
+  tiles = std::min(groups, (tiles + threads - 1) / threads * threads);
   detail::parallel_for(exec, tiles, [&](index_t tile) {
-    const index_t g0 = tile * tile_groups, g1 = std::min(w.groups(), g0 + tile_groups);
+    const index_t g0 = groups * tile / tiles, g1 = groups * (tile + 1) / tiles;
     for (index_t t0 = 0; t0 < tokens; t0 += detail::interleaved_gemm_tokens) {
       const int n = int(std::min(detail::interleaved_gemm_tokens, tokens - t0));
       const detail::q8_activations* a[detail::interleaved_gemm_tokens];
