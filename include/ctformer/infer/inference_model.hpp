@@ -29,8 +29,9 @@ namespace ctformer::infer {
 /// row-major GEMV was compute-bound (nibble unpacking), the interleaved one
 /// reaches the memory bound. q8_0 stays row-major: its decode is already
 /// near the bound and interleaving it measured no faster, in decode or in
-/// prefill (its int8 GEMM needs a widening multiply-add per chunk; 85 vs
-/// about 86 GFLOP/s for the fp32 GEMM on Zen 3).
+/// prefill beyond this machine's noise (its int8 GEMM needs a widening
+/// multiply-add per chunk: 92-100 GFLOP/s against about 86-90 for the fp32
+/// GEMM on Zen 3), and row-major it keeps exact fp32 activations in prefill.
 template <class Format>
 struct inference_weights {
   using type = quant::packed_matrix<Format>;

@@ -158,13 +158,16 @@ void group_dot_tokens(const quant::interleaved_matrix<Format>& w, index_t g, con
                                  a[3]->q.data() + b * qk};
       const auto* quants = reinterpret_cast<const std::uint8_t*>(gb + matrix::scale_bytes);
       __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
-#pragma GCC unroll 8
-      for (int c = 0; c < 8; ++c) {
-        const __m256i q = chunk<Format>(quants, c);
-        s0 = add_chunk<Format>(s0, q, x4_of(x[0], c));
-        s1 = add_chunk<Format>(s1, q, x4_of(x[1], c));
-        s2 = add_chunk<Format>(s2, q, x4_of(x[2], c));
-        s3 = add_chunk<Format>(s3, q, x4_of(x[3], c));
+      // Two chunks (one stored q4_0 chunk) per iteration and no further
+      // unrolling: fully unrolled, GCC hoisted all 32 multiply-adds ahead of
+      // their sums and spilled them to the stack.
+#pragma GCC unroll 1
+      for (int c = 0; c < 8; c += 2) {
+        const __m256i q0 = chunk<Format>(quants, c), q1 = chunk<Format>(quants, c + 1);
+        s0 = add_chunk<Format>(add_chunk<Format>(s0, q0, x4_of(x[0], c)), q1, x4_of(x[0], c + 1));
+        s1 = add_chunk<Format>(add_chunk<Format>(s1, q0, x4_of(x[1], c)), q1, x4_of(x[1], c + 1));
+        s2 = add_chunk<Format>(add_chunk<Format>(s2, q0, x4_of(x[2], c)), q1, x4_of(x[2], c + 1));
+        s3 = add_chunk<Format>(add_chunk<Format>(s3, q0, x4_of(x[3], c)), q1, x4_of(x[3], c + 1));
       }
       const __m256i sums[4] = {s0, s1, s2, s3};
       const __m256 scales = group_scales(gb);
