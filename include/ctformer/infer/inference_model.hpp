@@ -43,8 +43,8 @@ struct inference_weights<quant::q4_0> {
 
 /// A decoder-only Transformer prepared for generation. Every linear layer
 /// (qkv, attention output, MLP up and down, and the LM head, tied or not) is
-/// packed in Format (inference_weights<Format>); the token and position embeddings, norms
-/// and biases stay fp32. Activations live in scratch sized at construction
+/// packed in Format (in an inference_weights<Format> matrix); the token and
+/// position embeddings, norms and biases stay fp32. Activations live in scratch sized at construction
 /// for max_chunk tokens: prefill and decode allocate nothing.
 ///
 /// The model is stateless between calls apart from that scratch: the

@@ -177,6 +177,26 @@ TEMPLATE_TEST_CASE("q8_0 and q4_0 weights stay within stated tolerances of fp32"
   CHECK(q8.weight_bytes() < b16.weight_bytes());
 }
 
+TEMPLATE_TEST_CASE("q4_0: a position's logits are the same bits after prefill and after decode", "[infer][model][quant]",
+                   infer_gpt, infer_llama) {
+  // q4_0 weights are interleaved by 8 rows; prefill chunks run their int8
+  // GEMM, which gives each token's row exactly the GEMV's bits, and every
+  // other step (norms, attention, activations) works row by row. So
+  // prefilling n tokens, prefilling n - 1 and decoding the last, and any
+  // chunking give the last position the same logits: no tolerance.
+  nn::model<TestType, cpu::par_t> trained(cpu::par.with_threads(2), 7);
+  testing::randomise(trained, 16, 0.08f);
+  const auto tokens = testing::random_tokens(21, TestType::vocab, 8);
+  infer::inference_model<TestType, quant::q4_0> q4(trained, 32, cpu::par.with_threads(2));
+  auto cache = q4.make_cache(1);
+  const auto prefill_all = cached_logits(q4, cache, tokens, 21, 21);
+  const auto then_decode = cached_logits(q4, cache, tokens, 20, 7);  // rows: position 19, then 20
+  const std::vector<float> decoded(then_decode.end() - TestType::vocab, then_decode.end());
+  CHECK(decoded == prefill_all);
+  const auto chunked = cached_logits(q4, cache, tokens, 21, 4);
+  CHECK(chunked == prefill_all);
+}
+
 TEST_CASE("bad inputs are clear errors", "[infer][model][errors]") {
   nn::model<infer_llama, cpu::par_t> trained(cpu::par, 7);
   infer::inference_model<infer_llama, quant::fp32, infer::kv::paged<8>> model(trained, 8);
