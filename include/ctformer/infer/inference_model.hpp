@@ -44,8 +44,9 @@ struct inference_weights<quant::q4_0> {
 /// A decoder-only Transformer prepared for generation. Every linear layer
 /// (qkv, attention output, MLP up and down, and the LM head, tied or not) is
 /// packed in Format (in an inference_weights<Format> matrix); the token and
-/// position embeddings, norms and biases stay fp32. Activations live in scratch sized at construction
-/// for max_chunk tokens: prefill and decode allocate nothing.
+/// position embeddings, norms and biases stay fp32. Activations live in
+/// scratch sized at construction for max_chunk tokens: prefill and decode
+/// allocate nothing.
 ///
 /// The model is stateless between calls apart from that scratch: the
 /// sequence state is the KV cache the caller passes in (make_cache builds one
@@ -81,8 +82,9 @@ class inference_model {
   /// Whether prefill chunks run an integer GEMM rather than dequantizing to fp32.
   static constexpr bool integer_gemm = quant::is_interleaved_matrix<weight_matrix>;
 
-  /// Chunks of at least this many tokens dequantize a packed matrix whole and
-  /// use the fp32 GEMM; shorter ones use the packed-weight GEMM.
+  /// Chunks of at least this many tokens dequantize a row-major packed
+  /// matrix whole and use the fp32 GEMM; shorter ones use the packed-weight
+  /// GEMM (interleaved q4_0 always runs its int8 GEMM).
   static constexpr index_t dequantize_min_tokens = 16;
 
   /// The default (and largest default) prefill chunk.

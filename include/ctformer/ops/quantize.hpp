@@ -11,13 +11,6 @@
 #include "ctformer/quant/interleaved_matrix.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
 
-namespace ctformer::quant {
-/// A matrix of weights the packed-weight ops take: a packed_matrix of any
-/// format, or an interleaved_matrix (q4_0, q8_0 rows interleaved by 8).
-template <class W>
-concept packed_weights = is_packed_matrix<W> || is_interleaved_matrix<W>;
-}  // namespace ctformer::quant
-
 namespace ctformer::ops {
 
 namespace detail {

@@ -180,4 +180,9 @@ inline constexpr bool is_interleaved_matrix = false;
 template <class F>
 inline constexpr bool is_interleaved_matrix<interleaved_matrix<F>> = true;
 
+/// A matrix of weights the packed-weight ops take: a packed_matrix of any
+/// format, or an interleaved_matrix.
+template <class W>
+concept packed_weights = is_packed_matrix<W> || is_interleaved_matrix<W>;
+
 }  // namespace ctformer::quant
