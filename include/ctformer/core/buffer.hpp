@@ -9,6 +9,10 @@
 #include <type_traits>
 #include <utility>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "ctformer/core/tensor_view.hpp"
 
 namespace ctformer {
@@ -22,14 +26,33 @@ concept memory_space = requires(std::size_t bytes, void* p) {
   { S::host_accessible } -> std::convertible_to<bool>;
 };
 
-/// Host memory, 64-byte aligned so that AVX-512 loads of a row start never split a cache line.
+/// Host memory, 64-byte aligned so that AVX-512 loads of a row start never
+/// split a cache line. Large buffers (weights, KV caches, activation arenas)
+/// are aligned to 2 MiB and, on Linux, asked to be backed by transparent huge
+/// pages: decode streams hundreds of MB per token, and with 4 KiB pages every
+/// page is a TLB miss and a restart of the hardware prefetcher's stream
+/// (which stops at page boundaries). On the Zen 3 we measure on, one thread
+/// reading 76 MB front to back goes from about 11 to 18-20 GB/s. The advice is
+/// a hint: where huge pages are off (or in "never" mode), the buffer is the
+/// same memory with 4 KiB pages. Smaller buffers are not padded to 2 MiB
+/// (that would waste up to half their size); a model keeps its weight
+/// matrices in one arena for this reason (infer::inference_model).
 struct host_space {
   static constexpr bool host_accessible = true;
   static constexpr std::size_t alignment = 64;
+  static constexpr std::size_t huge_page = std::size_t(2) << 20;
+  /// Buffers from this size up get huge-page alignment and advice.
+  static constexpr std::size_t huge_page_threshold = std::size_t(4) << 20;
   static void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
-    void* p = std::aligned_alloc(alignment, (bytes + alignment - 1) / alignment * alignment);
+    const bool huge = bytes >= huge_page_threshold;
+    const std::size_t align = huge ? huge_page : alignment;
+    const std::size_t rounded = (bytes + align - 1) / align * align;
+    void* p = std::aligned_alloc(align, rounded);
     if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (huge) ::madvise(p, rounded, MADV_HUGEPAGE);  // a hint; failure leaves 4 KiB pages
+#endif
     return p;
   }
   static void deallocate(void* p, std::size_t) { std::free(p); }

@@ -230,13 +230,31 @@ class inference_model {
       used += rows * cols;
       return v;
     };
+    // Every linear weight goes into one arena, each matrix 64-byte aligned:
+    // one allocation large enough for huge pages (host_space), which one
+    // matrix of a few hundred KB is not. Decode streams the arena front to
+    // back, a layer's matrices in the order they are used.
+    const auto aligned_bytes = [](index_t rows, index_t cols) {
+      return (Format::bytes_for(rows, cols) + 63) / 64 * 64;
+    };
+    weight_arena_ = buffer<std::byte>(
+        std::size_t(n_layer) * (aligned_bytes(traits::qkv_width, c) + aligned_bytes(c, c) +
+                                aligned_bytes(traits::up_width, c) + aligned_bytes(c, d_ff)) +
+        aligned_bytes(vocab, c));
+    std::size_t arena_used = 0;
     auto pack = [&](const std::string& name, index_t rows, index_t cols) {
-      quant::packed_matrix<Format> m(rows, cols);
-      ops::quantize(exec_, tensor_view<const float, 2>(find(name, {rows, cols}), {rows, cols}), m);
-      if constexpr (std::is_same_v<weight_matrix, quant::packed_matrix<Format>>)
+      std::byte* storage = weight_arena_.data() + arena_used;
+      arena_used += aligned_bytes(rows, cols);
+      const tensor_view<const float, 2> source(find(name, {rows, cols}), {rows, cols});
+      if constexpr (std::is_same_v<weight_matrix, quant::packed_matrix<Format>>) {
+        weight_matrix m(rows, cols, storage);
+        ops::quantize(exec_, source, m);
         return m;
-      else
-        return weight_matrix(m);
+      } else {
+        quant::packed_matrix<Format> m(rows, cols);
+        ops::quantize(exec_, source, m);
+        return weight_matrix(m, storage);
+      }
     };
     auto zeros = [&](index_t n) {
       tensor_view<float, 1> v(dense_.data() + used, {n});
@@ -440,6 +458,9 @@ class inference_model {
   Exec exec_;
   index_t max_chunk_;
   buffer<float> dense_;  // embeddings, norms, biases (fp32)
+  // The linear weights' bytes, which the matrices below live in (declared
+  // first: destroyed after them).
+  buffer<std::byte> weight_arena_;
   tensor_view<float, 2> token_embedding_, position_embedding_;  // (V, C), (max_seq, C)
   layer_weights layers_[n_layer];
   tensor_view<float, 1> final_norm_weight_, final_norm_bias_;  // (C)

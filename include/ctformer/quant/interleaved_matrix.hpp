@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "ctformer/core/buffer.hpp"
 #include "ctformer/core/error.hpp"
@@ -99,7 +100,18 @@ class interleaved_matrix {
   interleaved_matrix() = default;
 
   /// Rearranges a row-major matrix (the values are the same bits).
-  explicit interleaved_matrix(const packed_matrix<Format>& m) : rows_(m.rows()), cols_(m.cols()), data_(m.bytes()) {
+  explicit interleaved_matrix(const packed_matrix<Format>& m) : interleaved_matrix(m, nullptr) {}
+
+  /// The same into `storage`: m.bytes() bytes, 64-byte aligned, that the
+  /// caller keeps alive and unmoved for the matrix's life (a model's weight
+  /// arena; nullptr: the matrix allocates its own).
+  interleaved_matrix(const packed_matrix<Format>& m, std::byte* storage)
+      : rows_(m.rows()), cols_(m.cols()), bytes_(m.bytes()) {
+    if (!storage) {
+      owned_ = buffer<std::byte>(bytes_);
+      storage = owned_.data();
+    }
+    data_ = storage;
     const index_t nb = blocks_per_row();
     for (index_t g = 0; g < groups(); ++g)
       for (index_t b = 0; b < nb; ++b) {
@@ -116,22 +128,34 @@ class interleaved_matrix {
   /// Quantizes an fp32 (out, in) matrix (cols a multiple of 32).
   explicit interleaved_matrix(tensor_view<const float, 2> w) : interleaved_matrix(packed_matrix<Format>(w)) {}
 
+  interleaved_matrix(const interleaved_matrix&) = delete;
+  interleaved_matrix& operator=(const interleaved_matrix&) = delete;
+  interleaved_matrix(interleaved_matrix&& other) noexcept { *this = std::move(other); }
+  interleaved_matrix& operator=(interleaved_matrix&& other) noexcept {
+    rows_ = std::exchange(other.rows_, 0);
+    cols_ = std::exchange(other.cols_, 0);
+    bytes_ = std::exchange(other.bytes_, 0);
+    owned_ = std::move(other.owned_);  // the heap block, and so data_, stays where it is
+    data_ = std::exchange(other.data_, nullptr);
+    return *this;
+  }
+
   index_t rows() const { return rows_; }
   index_t cols() const { return cols_; }
   index_t blocks_per_row() const { return cols_ / qk; }
   /// Whole groups of 8 rows; rows past 8 * groups() are tail rows.
   index_t groups() const { return rows_ / rows_per_group; }
   /// Bytes of the whole matrix (what a GEMV reads): the same as packed_matrix<Format>.
-  std::size_t bytes() const { return data_.bytes(); }
-  const std::byte* data() const { return data_.data(); }
+  std::size_t bytes() const { return bytes_; }
+  const std::byte* data() const { return data_; }
 
   /// Group g's block b: scale_bytes of scales, then the quant chunks.
   const std::byte* group_block(index_t g, index_t b) const {
-    return data_.data() + (std::size_t(g) * std::size_t(blocks_per_row()) + std::size_t(b)) * group_block_bytes;
+    return data_ + (std::size_t(g) * std::size_t(blocks_per_row()) + std::size_t(b)) * group_block_bytes;
   }
   /// A tail row (r >= 8 * groups()) in the ggml row layout.
   const std::byte* tail_row(index_t r) const {
-    return data_.data() + std::size_t(groups()) * std::size_t(blocks_per_row()) * group_block_bytes +
+    return data_ + std::size_t(groups()) * std::size_t(blocks_per_row()) * group_block_bytes +
            std::size_t(r - groups() * rows_per_group) * Format::row_bytes(cols_);
   }
 
@@ -171,7 +195,9 @@ class interleaved_matrix {
 
   index_t rows_ = 0;
   index_t cols_ = 0;
-  buffer<std::byte> data_;
+  std::size_t bytes_ = 0;
+  buffer<std::byte> owned_;  // empty when the bytes are the caller's
+  std::byte* data_ = nullptr;
 };
 
 /// True for quant::interleaved_matrix<F> (the ops constrain on it).

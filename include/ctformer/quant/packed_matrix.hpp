@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ctformer/core/buffer.hpp"
@@ -17,6 +18,11 @@ namespace ctformer::quant {
 /// A (rows, cols) matrix of weights packed in Format: rows() rows of
 /// row_bytes() bytes each, back to back in one 64-byte aligned buffer, so a
 /// checkpoint writes it with one call and a GEMV streams it once.
+///
+/// The matrix owns its bytes, or (the constructor taking `storage`) lives in
+/// bytes its owner keeps: a model puts all its matrices in one arena so that
+/// they share huge pages (a matrix of a few hundred KB is too small for
+/// its own).
 /// @tparam Format a weight_format (q8_0, q4_0, int8_rowwise, bf16_weights, fp32)
 template <weight_format Format>
 class packed_matrix {
@@ -28,13 +34,36 @@ class packed_matrix {
 
   /// Storage for (rows, cols) weights, contents unspecified: for a loader that
   /// fills bytes() from a file. Throws shape_error when cols does not fit the format.
-  packed_matrix(index_t rows, index_t cols) : rows_(rows), cols_(cols) {
+  packed_matrix(index_t rows, index_t cols) : packed_matrix(rows, cols, nullptr) {}
+
+  /// The same over `storage`: Format::bytes_for(rows, cols) bytes, 64-byte
+  /// aligned, that the caller keeps alive and unmoved for the matrix's life
+  /// (nullptr: the matrix allocates its own).
+  packed_matrix(index_t rows, index_t cols, std::byte* storage) : rows_(rows), cols_(cols) {
     if (rows < 0 || cols < 0)
       throw shape_error("ctformer::quant::packed_matrix: negative shape (" + std::to_string(rows) + ", " +
                         std::to_string(cols) + ")");
     Format::check_cols(cols);
     row_bytes_ = Format::row_bytes(cols);
-    data_ = buffer<std::byte>(Format::bytes_for(rows, cols));
+    bytes_ = Format::bytes_for(rows, cols);
+    if (!storage) {
+      owned_ = buffer<std::byte>(bytes_);
+      storage = owned_.data();
+    }
+    data_ = storage;
+  }
+
+  packed_matrix(const packed_matrix&) = delete;
+  packed_matrix& operator=(const packed_matrix&) = delete;
+  packed_matrix(packed_matrix&& other) noexcept { *this = std::move(other); }
+  packed_matrix& operator=(packed_matrix&& other) noexcept {
+    rows_ = std::exchange(other.rows_, 0);
+    cols_ = std::exchange(other.cols_, 0);
+    row_bytes_ = std::exchange(other.row_bytes_, 0);
+    bytes_ = std::exchange(other.bytes_, 0);
+    owned_ = std::move(other.owned_);  // the heap block, and so data_, stays where it is
+    data_ = std::exchange(other.data_, nullptr);
+    return *this;
   }
 
   /// Quantizes an fp32 (out, in) matrix on the calling thread (ops::quantize
@@ -58,12 +87,12 @@ class packed_matrix {
   /// Bytes of one packed row.
   std::size_t row_bytes() const { return row_bytes_; }
   /// Bytes of the whole matrix (what a GEMV reads).
-  std::size_t bytes() const { return data_.bytes(); }
+  std::size_t bytes() const { return bytes_; }
 
-  const std::byte* row(index_t r) const { return data_.data() + std::size_t(r) * row_bytes_; }
-  std::byte* row(index_t r) { return data_.data() + std::size_t(r) * row_bytes_; }
-  const std::byte* data() const { return data_.data(); }
-  std::byte* data() { return data_.data(); }
+  const std::byte* row(index_t r) const { return data_ + std::size_t(r) * row_bytes_; }
+  std::byte* row(index_t r) { return data_ + std::size_t(r) * row_bytes_; }
+  const std::byte* data() const { return data_; }
+  std::byte* data() { return data_; }
 
   /// The fp32 values the packed weights stand for (the reference every
   /// quantized kernel is checked against). out: (rows, cols), row-major.
@@ -79,7 +108,9 @@ class packed_matrix {
   index_t rows_ = 0;
   index_t cols_ = 0;
   std::size_t row_bytes_ = 0;
-  buffer<std::byte> data_;
+  std::size_t bytes_ = 0;
+  buffer<std::byte> owned_;  // empty when the bytes are the caller's
+  std::byte* data_ = nullptr;
 };
 
 /// True for quant::packed_matrix<F> of any format (the ops constrain on it).

@@ -62,6 +62,40 @@ TEMPLATE_TEST_CASE("interleaving keeps every block and its values exactly", "[qu
   }
 }
 
+TEMPLATE_TEST_CASE("matrices in caller-owned storage hold the same bytes and keep them through a move",
+                   "[quant][interleaved]", quant::q4_0, quant::q8_0) {
+  // A model's weight arena: both matrices of one shape side by side in one
+  // buffer, the second 64-byte aligned.
+  interleaved_case<TestType> c(21, 96, 7);
+  const std::size_t bytes = c.row_major.bytes(), aligned = (bytes + 63) / 64 * 64;
+  buffer<std::byte> arena(aligned + bytes);
+  quant::packed_matrix<TestType> row_major(c.rows, c.cols, arena.data());
+  ops::quantize(cpu::par, tensor_view<const float, 2>(c.w.data(), {c.rows, c.cols}), row_major);
+  quant::interleaved_matrix<TestType> interleaved(c.row_major, arena.data() + aligned);
+  CHECK(row_major.data() == arena.data());
+  CHECK(interleaved.data() == arena.data() + aligned);
+  CHECK(row_major.bytes() == bytes);
+  CHECK(interleaved.bytes() == bytes);
+  CHECK(std::memcmp(row_major.data(), c.row_major.data(), bytes) == 0);
+  CHECK(std::memcmp(interleaved.data(), c.m.data(), bytes) == 0);
+  // A move hands over the same storage; the moved-from matrix is empty.
+  quant::packed_matrix<TestType> moved_row_major(std::move(row_major));
+  quant::interleaved_matrix<TestType> moved_interleaved;
+  moved_interleaved = std::move(interleaved);
+  CHECK(moved_row_major.data() == arena.data());
+  CHECK(moved_interleaved.data() == arena.data() + aligned);
+  CHECK((row_major.data() == nullptr && row_major.bytes() == 0 && row_major.rows() == 0));
+  CHECK((interleaved.data() == nullptr && interleaved.bytes() == 0));
+  // An owning matrix moved keeps its heap block too.
+  quant::interleaved_matrix<TestType> owning(c.row_major);
+  const std::byte* heap = owning.data();
+  quant::interleaved_matrix<TestType> moved_owning(std::move(owning));
+  CHECK(moved_owning.data() == heap);
+  std::vector<float> out(c.w.size());
+  moved_owning.dequantize(tensor_view<float, 2>(out.data(), {c.rows, c.cols}));
+  CHECK(out == c.wd);
+}
+
 TEMPLATE_TEST_CASE("interleaved gemv equals the dequantized product within the activation-rounding bound",
                    "[quant][interleaved][gemv]", quant::q4_0, quant::q8_0) {
   for (const auto& s : shapes) {
