@@ -99,8 +99,15 @@ void attend_key_range(const float* q, index_t h0, index_t h1, index_t group, con
       }
     for (index_t i = 0; i < heads; ++i) {
       float* s = scores + i * tile;
-      float tile_max = -std::numeric_limits<float>::infinity();
-      for (index_t j = 0; j < count; ++j) tile_max = std::max(tile_max, s[j]);
+      // Maximum and sum run across vector lanes: a scalar loop would be a
+      // chain of 64 dependent adds per head and tile, about a tenth of the
+      // kernel's time. The order is still fixed by the tile's positions.
+      constexpr index_t w = kv_vec::width;
+      kv_vec lanes_max = kv_vec::splat(-std::numeric_limits<float>::infinity());
+      index_t j = 0;
+      for (; j + w <= count; j += w) lanes_max = ctformer::cpu::detail::max(lanes_max, kv_vec::load(s + j));
+      float tile_max = reduce_max(lanes_max);
+      for (; j < count; ++j) tile_max = std::max(tile_max, s[j]);
       // Rescale what the earlier tiles summed to the new maximum.
       const float new_max = std::max(max[i], tile_max);
       if (new_max > max[i] && sum[i] > 0.0f) {
@@ -111,10 +118,15 @@ void attend_key_range(const float* q, index_t h0, index_t h1, index_t group, con
       max[i] = new_max;
       // Probabilities of the tile (relative to the running maximum), vectorised exp.
       const kv_vec m = kv_vec::splat(new_max);
-      index_t j = 0;
-      for (; j + kv_vec::width <= count; j += kv_vec::width) vexp(kv_vec::load(s + j) - m).store(s + j);
-      for (; j < count; ++j) s[j] = exp_approx(s[j] - new_max);
-      for (j = 0; j < count; ++j) sum[i] += s[j];
+      kv_vec lanes_sum = kv_vec::splat(0.0f);
+      for (j = 0; j + w <= count; j += w) {
+        const kv_vec p = vexp(kv_vec::load(s + j) - m);
+        p.store(s + j);
+        lanes_sum = lanes_sum + p;
+      }
+      float tile_sum = reduce_add(lanes_sum);
+      for (; j < count; ++j) tile_sum += s[j] = exp_approx(s[j] - new_max);
+      sum[i] += tile_sum;
     }
     // Values, head by head, the accumulator in registers across the tile.
     const E* rows[tile];
