@@ -46,4 +46,16 @@ inline void measure_bandwidth(double (&bandwidth)[3]) {
   benchmark::AddCustomContext("triad_GB/s_2_threads", std::to_string(bandwidth[2]));
 }
 
+/// The main() of a program whose figures are printed against the triad:
+/// flags first (so --help and a bad flag cost no measurement), then the
+/// bandwidth into `bandwidth`, then the benchmarks.
+inline int run_with_bandwidth(int argc, char** argv, double (&bandwidth)[3]) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  measure_bandwidth(bandwidth);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
+
 }  // namespace ctformer::bench

@@ -89,11 +89,4 @@ BENCHMARK(bm_decode_attention<float>)->Apply(attention_args);
 BENCHMARK(bm_decode_attention<bf16>)->Apply(attention_args);
 BENCHMARK(bm_decode_attention<std::int8_t>)->Apply(attention_args);
 
-int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  bench::measure_bandwidth(bandwidth);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return bench::run_with_bandwidth(argc, argv, bandwidth); }

@@ -200,10 +200,4 @@ BENCHMARK(bm_prefill<gpt2_small, quant::q4_0>)->Apply(prefill_args);
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  bench::measure_bandwidth(bandwidth);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-}
+int main(int argc, char** argv) { return bench::run_with_bandwidth(argc, argv, bandwidth); }

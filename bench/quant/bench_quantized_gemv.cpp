@@ -136,10 +136,4 @@ BENCHMARK(bm_gemm<q8_0_interleaved>)->Apply(gemm_shapes);
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  bench::measure_bandwidth(bandwidth);
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-}
+int main(int argc, char** argv) { return bench::run_with_bandwidth(argc, argv, bandwidth); }
