@@ -31,7 +31,7 @@ inline constexpr index_t cached_attention_part = 256;
 /// bf16 rows read as pairs: 16 elements in one 32-byte load become the floats
 /// of the even elements (0, 2, ..., 14: a shift) and of the odd ones (a mask),
 /// two instructions per 16 elements where widening 8 at a time takes four.
-/// Dot products use a query permuted the same way once per call (pair_query);
+/// Dot products use a query permuted the same way once per call (pair_permute);
 /// value sums keep the accumulator permuted until the end of the key range
 /// (pair_unpermute). Each value element still sums its positions in order
 /// with one fused multiply-add each, so only the scores' reduction order differs.
