@@ -68,6 +68,25 @@ TEST_CASE("temperature towards 0 converges to greedy", "[infer][sampler]") {
   }
 }
 
+TEST_CASE("extreme temperatures: logit / T overflowing float, 1 / T overflowing, T huge", "[infer][sampler]") {
+  const auto l = random_logits(1000, 5, 6.0f);
+  const int best = infer::greedy(l);
+  // 6 / 1e-38 overflows float: the row is shifted to its maximum first, so
+  // the best token keeps probability 1 and no NaN appears.
+  sampler tiny({.temperature = 1e-38f, .seed = 1});
+  for (int i = 0; i < 20; ++i) REQUIRE(tiny.sample(l) == best);
+  for (auto c : tiny.last_candidates()) REQUIRE(c.probability == (c.token == best ? 1.0f : 0.0f));
+  // 1 / 1e-45 (a subnormal) is +inf: the greedy limit.
+  sampler subnormal({.temperature = 1e-45f});
+  CHECK(subnormal.sample(l) == best);
+  // A huge temperature flattens the row: every token is a candidate with
+  // probability 1 / 1000 (to float rounding of exp(x / 1e30) = 1).
+  sampler flat({.temperature = 1e30f, .seed = 2});
+  flat.sample(l);
+  REQUIRE(flat.last_candidates().size() == l.size());
+  for (auto c : flat.last_candidates()) REQUIRE(c.probability == Approx(1e-3).epsilon(1e-5));
+}
+
 TEST_CASE("top-k never returns a token outside the k largest", "[infer][sampler]") {
   const auto l = random_logits(1000, 1);
   const auto order = ranking(l);
@@ -80,8 +99,12 @@ TEST_CASE("top-k never returns a token outside the k largest", "[infer][sampler]
 }
 
 TEST_CASE("top-p keeps exactly the smallest set whose probability reaches p", "[infer][sampler]") {
+  // 32000 tokens: a LLaMA vocabulary, where the sampler first drops tokens
+  // too unlikely to matter and then narrows the nucleus down by halving.
+  for (std::size_t vocab : {std::size_t(2000), std::size_t(32000)})
   for (float p : {0.1f, 0.5f, 0.9f, 0.99f}) {
-    const auto l = random_logits(2000, 2, 6.0f);
+    CAPTURE(vocab);
+    const auto l = random_logits(vocab, 2, 6.0f);
     const auto probs = softmax(l);
     const auto order = ranking(l);
     std::set<int> nucleus;
