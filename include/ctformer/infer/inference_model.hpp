@@ -230,12 +230,14 @@ class inference_model {
       used += rows * cols;
       return v;
     };
-    // Every linear weight goes into one arena, each matrix 64-byte aligned:
-    // one allocation large enough for huge pages (host_space), which one
-    // matrix of a few hundred KB is not. Decode streams the arena front to
-    // back, a layer's matrices in the order they are used.
+    // Every linear weight goes into one arena, each matrix aligned as a
+    // buffer of its own would be (host_space::alignment): one allocation
+    // large enough for huge pages, which one matrix of a few hundred KB is
+    // not. Decode streams the arena front to back, a layer's matrices in the
+    // order they are used.
     const auto aligned_bytes = [](index_t rows, index_t cols) {
-      return (Format::bytes_for(rows, cols) + 63) / 64 * 64;
+      constexpr std::size_t alignment = host_space::alignment;
+      return (Format::bytes_for(rows, cols) + alignment - 1) / alignment * alignment;
     };
     weight_arena_ = buffer<std::byte>(
         std::size_t(n_layer) * (aligned_bytes(traits::qkv_width, c) + aligned_bytes(c, c) +

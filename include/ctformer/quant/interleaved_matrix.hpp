@@ -15,6 +15,7 @@
 #include "ctformer/core/error.hpp"
 #include "ctformer/core/tensor_view.hpp"
 #include "ctformer/quant/formats.hpp"
+#include "ctformer/quant/matrix_storage.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
 
 namespace ctformer::quant {
@@ -106,12 +107,7 @@ class interleaved_matrix {
   /// caller keeps alive and unmoved for the matrix's life (a model's weight
   /// arena; nullptr: the matrix allocates its own).
   interleaved_matrix(const packed_matrix<Format>& m, std::byte* storage)
-      : rows_(m.rows()), cols_(m.cols()), bytes_(m.bytes()) {
-    if (!storage) {
-      owned_ = buffer<std::byte>(bytes_);
-      storage = owned_.data();
-    }
-    data_ = storage;
+      : rows_(m.rows()), cols_(m.cols()), storage_(m.bytes(), storage) {
     const index_t nb = blocks_per_row();
     for (index_t g = 0; g < groups(); ++g)
       for (index_t b = 0; b < nb; ++b) {
@@ -134,9 +130,7 @@ class interleaved_matrix {
   interleaved_matrix& operator=(interleaved_matrix&& other) noexcept {
     rows_ = std::exchange(other.rows_, 0);
     cols_ = std::exchange(other.cols_, 0);
-    bytes_ = std::exchange(other.bytes_, 0);
-    owned_ = std::move(other.owned_);  // the heap block, and so data_, stays where it is
-    data_ = std::exchange(other.data_, nullptr);
+    storage_ = std::move(other.storage_);
     return *this;
   }
 
@@ -146,16 +140,16 @@ class interleaved_matrix {
   /// Whole groups of 8 rows; rows past 8 * groups() are tail rows.
   index_t groups() const { return rows_ / rows_per_group; }
   /// Bytes of the whole matrix (what a GEMV reads): the same as packed_matrix<Format>.
-  std::size_t bytes() const { return bytes_; }
-  const std::byte* data() const { return data_; }
+  std::size_t bytes() const { return storage_.size(); }
+  const std::byte* data() const { return storage_.data(); }
 
   /// Group g's block b: scale_bytes of scales, then the quant chunks.
   const std::byte* group_block(index_t g, index_t b) const {
-    return data_ + (std::size_t(g) * std::size_t(blocks_per_row()) + std::size_t(b)) * group_block_bytes;
+    return data() + (std::size_t(g) * std::size_t(blocks_per_row()) + std::size_t(b)) * group_block_bytes;
   }
   /// A tail row (r >= 8 * groups()) in the ggml row layout.
   const std::byte* tail_row(index_t r) const {
-    return data_ + std::size_t(groups()) * std::size_t(blocks_per_row()) * group_block_bytes +
+    return data() + std::size_t(groups()) * std::size_t(blocks_per_row()) * group_block_bytes +
            std::size_t(r - groups() * rows_per_group) * Format::row_bytes(cols_);
   }
 
@@ -195,9 +189,7 @@ class interleaved_matrix {
 
   index_t rows_ = 0;
   index_t cols_ = 0;
-  std::size_t bytes_ = 0;
-  buffer<std::byte> owned_;  // empty when the bytes are the caller's
-  std::byte* data_ = nullptr;
+  matrix_storage storage_;
 };
 
 /// True for quant::interleaved_matrix<F> (the ops constrain on it).

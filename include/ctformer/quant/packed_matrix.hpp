@@ -12,6 +12,7 @@
 #include "ctformer/core/error.hpp"
 #include "ctformer/core/tensor_view.hpp"
 #include "ctformer/quant/formats.hpp"
+#include "ctformer/quant/matrix_storage.hpp"
 
 namespace ctformer::quant {
 
@@ -20,9 +21,7 @@ namespace ctformer::quant {
 /// checkpoint writes it with one call and a GEMV streams it once.
 ///
 /// The matrix owns its bytes, or (the constructor taking `storage`) lives in
-/// bytes its owner keeps: a model puts all its matrices in one arena so that
-/// they share huge pages (a matrix of a few hundred KB is too small for
-/// its own).
+/// bytes its owner keeps (matrix_storage).
 /// @tparam Format a weight_format (q8_0, q4_0, int8_rowwise, bf16_weights, fp32)
 template <weight_format Format>
 class packed_matrix {
@@ -45,12 +44,7 @@ class packed_matrix {
                         std::to_string(cols) + ")");
     Format::check_cols(cols);
     row_bytes_ = Format::row_bytes(cols);
-    bytes_ = Format::bytes_for(rows, cols);
-    if (!storage) {
-      owned_ = buffer<std::byte>(bytes_);
-      storage = owned_.data();
-    }
-    data_ = storage;
+    storage_ = matrix_storage(Format::bytes_for(rows, cols), storage);
   }
 
   packed_matrix(const packed_matrix&) = delete;
@@ -60,9 +54,7 @@ class packed_matrix {
     rows_ = std::exchange(other.rows_, 0);
     cols_ = std::exchange(other.cols_, 0);
     row_bytes_ = std::exchange(other.row_bytes_, 0);
-    bytes_ = std::exchange(other.bytes_, 0);
-    owned_ = std::move(other.owned_);  // the heap block, and so data_, stays where it is
-    data_ = std::exchange(other.data_, nullptr);
+    storage_ = std::move(other.storage_);
     return *this;
   }
 
@@ -87,12 +79,12 @@ class packed_matrix {
   /// Bytes of one packed row.
   std::size_t row_bytes() const { return row_bytes_; }
   /// Bytes of the whole matrix (what a GEMV reads).
-  std::size_t bytes() const { return bytes_; }
+  std::size_t bytes() const { return storage_.size(); }
 
-  const std::byte* row(index_t r) const { return data_ + std::size_t(r) * row_bytes_; }
-  std::byte* row(index_t r) { return data_ + std::size_t(r) * row_bytes_; }
-  const std::byte* data() const { return data_; }
-  std::byte* data() { return data_; }
+  const std::byte* row(index_t r) const { return data() + std::size_t(r) * row_bytes_; }
+  std::byte* row(index_t r) { return data() + std::size_t(r) * row_bytes_; }
+  const std::byte* data() const { return storage_.data(); }
+  std::byte* data() { return storage_.data(); }
 
   /// The fp32 values the packed weights stand for (the reference every
   /// quantized kernel is checked against). out: (rows, cols), row-major.
@@ -108,9 +100,7 @@ class packed_matrix {
   index_t rows_ = 0;
   index_t cols_ = 0;
   std::size_t row_bytes_ = 0;
-  std::size_t bytes_ = 0;
-  buffer<std::byte> owned_;  // empty when the bytes are the caller's
-  std::byte* data_ = nullptr;
+  matrix_storage storage_;
 };
 
 /// True for quant::packed_matrix<F> of any format (the ops constrain on it).

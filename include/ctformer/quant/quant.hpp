@@ -4,5 +4,7 @@
 
 #include "ctformer/ops/ops.hpp"
 #include "ctformer/quant/formats.hpp"
+#include "ctformer/quant/interleaved_matrix.hpp"
+#include "ctformer/quant/matrix_storage.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
 #include "ctformer/quant/sparse_formats.hpp"
