@@ -157,12 +157,7 @@ class sampler {
       if (top_k) {
         for (std::size_t i = 0; i < kept; ++i) z += double(probabilities_[std::size_t(order_[i])]);
       } else {
-        double partial[4] = {0.0, 0.0, 0.0, 0.0};
-        std::size_t i = 0;
-        for (; i + 4 <= vocab; i += 4)
-          for (std::size_t j = 0; j < 4; ++j) partial[j] += double(probabilities_[i + j]);
-        for (; i < vocab; ++i) partial[0] += double(probabilities_[i]);
-        z = (partial[0] + partial[1]) + (partial[2] + partial[3]);
+        z = sum_in_four_chains(0, vocab, [&](std::size_t i) { return probabilities_[i]; });
         // Only tokens with p >= tau can be in the nucleus: together the
         // others hold less than vocab * tau = (1 - top_p) z / 2, so the rest
         // reaches top_p with room to spare, and it is a top set (p grows with
@@ -256,15 +251,20 @@ class sampler {
   std::span<const candidate> last_candidates() const { return {candidates_.data(), candidate_count_}; }
 
  private:
-  // The candidates' probabilities [begin, end) summed in double, four chains
-  // of adds in flight, combined in a fixed order.
-  double sum_of_probabilities(std::size_t begin, std::size_t end) const {
+  // value(i) for i in [begin, end) summed in double, four chains of adds in
+  // flight (one chain would wait on every add), combined in a fixed order.
+  template <class Value>
+  static double sum_in_four_chains(std::size_t begin, std::size_t end, Value value) {
     double s[4] = {0.0, 0.0, 0.0, 0.0};
     std::size_t i = begin;
     for (; i + 4 <= end; i += 4)
-      for (std::size_t j = 0; j < 4; ++j) s[j] += double(candidates_[i + j].probability);
-    for (; i < end; ++i) s[0] += double(candidates_[i].probability);
+      for (std::size_t j = 0; j < 4; ++j) s[j] += double(value(i + j));
+    for (; i < end; ++i) s[0] += double(value(i));
     return (s[0] + s[1]) + (s[2] + s[3]);
+  }
+  // The candidates' probabilities [begin, end), summed as above.
+  double sum_of_probabilities(std::size_t begin, std::size_t end) const {
+    return sum_in_four_chains(begin, end, [&](std::size_t i) { return candidates_[i].probability; });
   }
 
   void apply_repetition_penalty(std::span<const std::int32_t> history) {

@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "../../support/test_support.hpp"
+#include "ctformer/core/kv_view.hpp"
+#include "ctformer/quant/interleaved_matrix.hpp"
 
 using namespace ctformer;
 using ctformer::testing::download;
@@ -214,6 +216,38 @@ TEST_CASE("CTFORMER_CUDA_CHECK throws cuda_error with file, line and CUDA's mess
   CHECK(cudaGetLastError() == cudaSuccess);  // the error was cleared: later checks do not see it
   CHECK_THROWS_WITH(CTFORMER_CUBLAS_CHECK(CUBLAS_STATUS_INVALID_VALUE), Catch::Contains("CUBLAS_STATUS_INVALID_VALUE"));
   ctformer::cuda::par.synchronize();  // the device is still healthy
+}
+
+// The inference kernels are CPU-only so far (issue 4 asks for CPU decode;
+// CUDA inference is on the roadmap): packed-weight GEMV and GEMM, in both
+// matrix layouts, and attention over a KV cache have no cuda::par hook, so
+// the ops stop with their one-sentence static_assert. When one gains a CUDA
+// kernel, this test fails and is to be replaced by the shared assertions.
+template <class W>
+constexpr bool has_cuda_quantized_gemv = requires(const W& w, tensor_view<const float, 1> x, tensor_view<float, 1> y) {
+  quantized_gemv_impl(ctformer::cuda::par, w, x, y);
+};
+template <class W>
+constexpr bool has_cuda_quantized_gemm = requires(const W& w, tensor_view<const float, 2> x, tensor_view<float, 2> y) {
+  quantized_gemm_impl(ctformer::cuda::par, w, x, y);
+};
+template <class E>
+constexpr bool has_cuda_cached_attention =
+    requires(tensor_view<const float, 3> q, const kv_view<const E>& kv, tensor_view<float, 3> out) {
+      cached_attention_impl(ctformer::cuda::par, q, kv, out, index_t(0), 1.0f);
+    };
+TEST_CASE("packed-weight GEMV / GEMM and cached attention have no CUDA kernel yet", "[cuda][policy][cpu_only]") {
+  STATIC_REQUIRE_FALSE(has_cuda_quantized_gemv<quant::packed_matrix<quant::q8_0>>);
+  STATIC_REQUIRE_FALSE(has_cuda_quantized_gemv<quant::interleaved_matrix<quant::q4_0>>);
+  STATIC_REQUIRE_FALSE(has_cuda_quantized_gemm<quant::packed_matrix<quant::q4_0>>);
+  STATIC_REQUIRE_FALSE(has_cuda_quantized_gemm<quant::interleaved_matrix<quant::q8_0>>);
+  STATIC_REQUIRE_FALSE(has_cuda_cached_attention<bf16>);
+  // The same checks hold the CPU hooks to be there, so the test cannot pass by misspelling one.
+  STATIC_REQUIRE(requires(const quant::interleaved_matrix<quant::q4_0>& w, tensor_view<const float, 1> x,
+                          tensor_view<float, 1> y) { quantized_gemv_impl(cpu::par, w, x, y); });
+  STATIC_REQUIRE(requires(tensor_view<const float, 3> q, const kv_view<const bf16>& kv, tensor_view<float, 3> out) {
+    cached_attention_impl(cpu::par, q, kv, out, index_t(0), 1.0f);
+  });
 }
 
 #endif
