@@ -7,7 +7,8 @@
 // measured in the same run: at long contexts decode attention is a stream
 // over the cache and should run near that limit. Twelve layers of a
 // 1024-position bf16 cache are 38 MB, past the 32 MiB L3 of the machines we
-// measure on, so the longer contexts read from DRAM.
+// measure on, so the longer contexts read from DRAM. Also a 512-token
+// prefill chunk's attention (compute-bound: GFLOP/s beside the FMA peak).
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "ctformer/ctformer.hpp"
+#include "../common/fma_peak.hpp"
 #include "../common/memory_bandwidth.hpp"
 #include "ctformer/infer/kv_cache.hpp"
 
@@ -25,6 +27,19 @@ namespace {
 constexpr index_t n_layer = 12, heads = 12, kv_heads = 12, head_dim = 64, max_context = 4096;
 
 double bandwidth[3] = {0, 0, 0};  // GB/s, [threads]
+
+/// The fp32 FMA peak on 1 or 2 threads, measured once on first use (0 where
+/// the build targets no FMA).
+double fma_peak(int threads) {
+  static const double peak[3] = {0,
+#if defined(CTFORMER_BENCH_HAS_FMA_PEAK)
+                                 bench::fma_peak_gflops(1), bench::fma_peak_gflops(2)
+#else
+                                 0, 0
+#endif
+  };
+  return peak[threads];
+}
 
 /// One contiguous cache per element type, its sequence filled with random
 /// keys and values up to the longest context.
@@ -75,6 +90,33 @@ void bm_decode_attention(benchmark::State& state) {
   state.counters["MB/step"] = bytes / 1e6;
 }
 
+/// A prefill chunk's attention: queries at positions [0, chunk) of one layer,
+/// query t attending to keys [0, t], as the first chunk of a prompt runs it.
+/// Compute-bound (each key row serves every later query from cache), so the
+/// figure is GFLOP/s of score and value products (2 x 2 x head_dim per
+/// (query, key, head) pair) beside one core's FMA peak times the threads.
+/// state.range(0): the chunk; state.range(1): threads.
+template <class E>
+void bm_prefill_attention(benchmark::State& state) {
+  const index_t chunk = state.range(0);
+  const auto exec = cpu::par.with_threads(int(state.range(1)));
+  auto& c = shared_cache<E>();
+  std::vector<float> q(std::size_t(chunk * heads * head_dim)), out(q.size());
+  std::mt19937 rng(6);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (auto& x : q) x = normal(rng);
+  const tensor_view<const float, 3> qv(q.data(), {chunk, heads, head_dim});
+  const tensor_view<float, 3> ov(out.data(), {chunk, heads, head_dim});
+  for (auto _ : state) {
+    ops::cached_attention(exec, qv, c.cache.view(0, c.seq), ov, 0, 0.125f);
+    benchmark::DoNotOptimize(out.data());
+  }
+  const double pairs = double(chunk) * double(chunk + 1) / 2 * heads;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(pairs * 4.0 * head_dim / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_GFLOP/s"] = fma_peak(int(state.range(1)));
+}
+
 void attention_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"context", "threads"})
       ->ArgsProduct({{128, 1024, 4096}, {1, 2}})
@@ -83,10 +125,21 @@ void attention_args(benchmark::internal::Benchmark* b) {
       ->UseRealTime();
 }
 
+void prefill_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"chunk", "threads"})
+      ->ArgsProduct({{512}, {1, 2}})
+      ->MinTime(0.3)
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
+}
+
 }  // namespace
 
 BENCHMARK(bm_decode_attention<float>)->Apply(attention_args);
 BENCHMARK(bm_decode_attention<bf16>)->Apply(attention_args);
 BENCHMARK(bm_decode_attention<std::int8_t>)->Apply(attention_args);
+BENCHMARK(bm_prefill_attention<float>)->Apply(prefill_args);
+BENCHMARK(bm_prefill_attention<bf16>)->Apply(prefill_args);
+BENCHMARK(bm_prefill_attention<std::int8_t>)->Apply(prefill_args);
 
 int main(int argc, char** argv) { return bench::run_with_bandwidth(argc, argv, bandwidth); }

@@ -24,9 +24,7 @@
 extern "C" void openblas_set_num_threads(int threads);
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
+#include "../common/fma_peak.hpp"
 
 namespace {
 
@@ -161,45 +159,13 @@ void bm_openblas_sgemm_decode(benchmark::State& state) {
 }
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-// The widest fp32 FMA the build targets, for the peak below.
-#if defined(__AVX512F__)
-using peak_vector = __m512;
-constexpr int peak_lanes = 16;
-inline peak_vector peak_set1(float x) { return _mm512_set1_ps(x); }
-inline peak_vector peak_fma(peak_vector a, peak_vector b, peak_vector c) { return _mm512_fmadd_ps(a, b, c); }
-inline peak_vector peak_add(peak_vector a, peak_vector b) { return _mm512_add_ps(a, b); }
-#else
-using peak_vector = __m256;
-constexpr int peak_lanes = 8;
-inline peak_vector peak_set1(float x) { return _mm256_set1_ps(x); }
-inline peak_vector peak_fma(peak_vector a, peak_vector b, peak_vector c) { return _mm256_fmadd_ps(a, b, c); }
-inline peak_vector peak_add(peak_vector a, peak_vector b) { return _mm256_add_ps(a, b); }
-#endif
-
-/// The machine limit: independent fp32 FMAs on state.range(1) threads, as many
-/// in flight as a core can overlap (12 chains hide the 4-cycle latency of two
-/// FMA pipes), so the result is cores x FMA pipes x lanes x 2 flops x clock.
+#if defined(CTFORMER_BENCH_HAS_FMA_PEAK)
+/// The machine limit: bench::fma_peak_run on state.range(1) threads.
 void bm_fp32_fma_peak(benchmark::State& state) {
   const int threads = int(state.range(1));
-  constexpr std::int64_t steps = 1 << 20;
-  for (auto _ : state) {
-#pragma omp parallel num_threads(threads)
-    {
-      peak_vector acc[12];
-      for (int i = 0; i < 12; ++i) acc[i] = peak_set1(float(i));
-      const peak_vector x = peak_set1(0.999999f), y = peak_set1(1e-7f);
-      for (std::int64_t s = 0; s < steps; ++s) {
-#pragma GCC unroll 12
-        for (int i = 0; i < 12; ++i) acc[i] = peak_fma(acc[i], x, y);
-      }
-      // One result that depends on every chain keeps the loop alive without
-      // touching memory inside it.
-      for (int i = 1; i < 12; ++i) acc[0] = peak_add(acc[0], acc[i]);
-      benchmark::DoNotOptimize(acc[0]);
-    }
-  }
-  set_flops(state, double(threads) * double(steps) * 12.0 * peak_lanes * 2.0);
+  double flops = 0;
+  for (auto _ : state) flops = ctformer::bench::fma_peak_run(threads, std::int64_t(1) << 20);
+  set_flops(state, flops);
 }
 BENCHMARK(bm_fp32_fma_peak)->ArgsProduct({{0}, {1, 2}})->UseRealTime()->MinTime(min_time_s);
 #endif

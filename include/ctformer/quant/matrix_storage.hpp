@@ -41,8 +41,6 @@ class matrix_storage {
   std::byte* data() { return data_; }
   const std::byte* data() const { return data_; }
   std::size_t size() const { return bytes_; }
-  /// Whether the bytes are the caller's.
-  bool borrowed() const { return data_ != nullptr && owned_.data() != data_; }
 
  private:
   buffer<std::byte> owned_;  // empty when the bytes are borrowed

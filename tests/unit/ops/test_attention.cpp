@@ -86,9 +86,15 @@ TEMPLATE_LIST_TEST_CASE("causal attention forward and backward match a double re
   auto exec = make_policy<TestType>();
   // MHA with an odd length, GQA (2 query heads per kv head), MQA over 70
   // positions (more than one 64-key tile), and a head dimension that is not
-  // a multiple of 8.
+  // a multiple of 8. From 32 positions on the CPU runs blocked products of
+  // 64 query rows: 32 (one block, the threshold), 70 (a block of 6 rows),
+  // 129 (a last block of one row, which the GEMM serves as a skinny
+  // product) and 150 with GQA and an odd head dimension (three blocks, the
+  // key pass adding two query heads into each dK and dV).
   for (attention_shape s : {attention_shape{1, 5, 3, 3, 8}, attention_shape{2, 9, 4, 2, 16},
-                            attention_shape{1, 70, 2, 1, 64}, attention_shape{1, 12, 2, 2, 20}}) {
+                            attention_shape{1, 70, 2, 1, 64}, attention_shape{1, 12, 2, 2, 20},
+                            attention_shape{1, 32, 2, 2, 16}, attention_shape{1, 129, 2, 1, 16},
+                            attention_shape{2, 150, 4, 2, 24}}) {
     CAPTURE(s.b, s.t, s.h, s.kv, s.d);
     const float scale = 1.0f / std::sqrt(float(s.d));
     const auto q = random_floats(std::size_t(s.b * s.t * s.h * s.d), 41 + unsigned(s.t), -2.0f, 2.0f);

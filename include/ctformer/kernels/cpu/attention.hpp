@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "ctformer/kernels/cpu/detail/attention_rows.hpp"
+#include "ctformer/kernels/cpu/gemm.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 #include "ctformer/kernels/cpu/softmax.hpp"
 
@@ -32,6 +33,95 @@ inline void dot_rows(const float* a, const float* const* rows, index_t count, in
   for (; j + 8 <= count; j += 8) dot_kv_8(a, rows + j, d, out + j);
   for (; j < count; ++j) out[j] = dot_kv(a, rows[j], d);
 }
+
+/// From this many positions on, a head's attention runs as blocked matrix
+/// products on the GEMM micro-kernel instead of query row by query row: 1.4x
+/// faster at T = 64, 2x at 256, 3x at 512 (one thread, Zen 3). At 12-16
+/// positions the two measured level, the products too small to pay for
+/// their packing.
+inline constexpr index_t attention_gemm_min_tokens = 32;
+/// Query rows (and key rows, in the backward's key pass) per block: each
+/// block multiplies against keys [0, block end), so the causal upper
+/// triangle costs R / 2 wasted columns per row instead of T / 2.
+inline constexpr index_t attention_gemm_rows = 64;
+
+/// Rows [r0, r1) and columns [c0, c1) of a matrix view.
+inline tensor_view<const float, 2> block_of(tensor_view<const float, 2> x, index_t r0, index_t r1, index_t c0,
+                                            index_t c1) {
+  return {&x(r0, c0), {r1 - r0, c1 - c0}, {x.stride(0), x.stride(1)}};
+}
+inline tensor_view<float, 2> block_of(tensor_view<float, 2> x, index_t r0, index_t r1, index_t c0, index_t c1) {
+  return {&x(r0, c0), {r1 - r0, c1 - c0}, {x.stride(0), x.stride(1)}};
+}
+
+/// One (batch, head) of causal_attention_forward as blocked products: for each
+/// block of query rows, S = Q K^T against the keys up to the block's end
+/// (straight into the probability rows), the row softmax (which zeroes the
+/// columns past each row's own position), then O = P V.
+/// q, out: (T, D); k, v: (T, D); probs: (T, T); any row strides.
+inline void attention_forward_blocked(tensor_view<const float, 2> q, tensor_view<const float, 2> k,
+                                      tensor_view<const float, 2> v, tensor_view<float, 2> out,
+                                      tensor_view<float, 2> probs, float scale) {
+  const index_t t_len = q.extent(0), d = q.extent(1);
+  for (index_t i0 = 0; i0 < t_len; i0 += attention_gemm_rows) {
+    const index_t i1 = std::min(t_len, i0 + attention_gemm_rows);
+    const tensor_view<float, 2> scores = block_of(probs, i0, i1, 0, i1);
+    gemm_one_thread<float>(block_of(q, i0, i1, 0, d), block_of(k, 0, i1, 0, d).transposed(), scores, 1.0f, 0.0f);
+    for (index_t i = i0; i < i1; ++i) softmax_row(&probs(i, 0), &probs(i, 0), i + 1, t_len, scale);
+    gemm_one_thread<float>(tensor_view<const float, 2>(scores), block_of(v, 0, i1, 0, d), block_of(out, i0, i1, 0, d),
+                           1.0f, 0.0f);
+  }
+}
+
+/// One (batch, head) of causal_attention_backward as blocked products, adding
+/// its dK and dV into dk, dv (or overwriting them when `first`, the group's
+/// first head). dscores: room for (T, T).
+///   per block of query rows: dP = dO V^T, dS = P * (dP - rowsum(P * dP)) * scale,
+///   dQ = dS K; per block of key rows j: dV += P[j.., j]^T dO[j..],
+///   dK += dS[j.., j]^T Q[j..] (queries before the block see none of its keys).
+inline void attention_backward_blocked(tensor_view<const float, 2> dout, tensor_view<const float, 2> q,
+                                       tensor_view<const float, 2> k, tensor_view<const float, 2> v,
+                                       tensor_view<const float, 2> probs, tensor_view<float, 2> dq,
+                                       tensor_view<float, 2> dk, tensor_view<float, 2> dv,
+                                       tensor_view<float, 2> dscores, float scale, bool first) {
+  const index_t t_len = q.extent(0), d = q.extent(1);
+  for (index_t i0 = 0; i0 < t_len; i0 += attention_gemm_rows) {
+    const index_t i1 = std::min(t_len, i0 + attention_gemm_rows);
+    const tensor_view<float, 2> ds_block = block_of(dscores, i0, i1, 0, i1);
+    gemm_one_thread<float>(block_of(dout, i0, i1, 0, d), block_of(v, 0, i1, 0, d).transposed(), ds_block, 1.0f, 0.0f);
+    for (index_t i = i0; i < i1; ++i) {
+      const index_t n = i + 1;
+      const float* p = &probs(i, 0);
+      float* ds = &dscores(i, 0);
+      float weighted = 0.0f;
+#pragma omp simd reduction(+ : weighted)
+      for (index_t j = 0; j < n; ++j) weighted += p[j] * ds[j];
+#pragma omp simd
+      for (index_t j = 0; j < n; ++j) ds[j] = scale * p[j] * (ds[j] - weighted);
+      for (index_t j = n; j < i1; ++j) ds[j] = 0.0f;  // past the row's position: no gradient
+    }
+    gemm_one_thread<float>(tensor_view<const float, 2>(ds_block), block_of(k, 0, i1, 0, d), block_of(dq, i0, i1, 0, d),
+                           1.0f, 0.0f);
+  }
+  const float beta = first ? 0.0f : 1.0f;
+  for (index_t j0 = 0; j0 < t_len; j0 += attention_gemm_rows) {
+    const index_t j1 = std::min(t_len, j0 + attention_gemm_rows);
+    gemm_one_thread<float>(block_of(probs, j0, t_len, j0, j1).transposed(), block_of(dout, j0, t_len, 0, d),
+                           block_of(dv, j0, j1, 0, d), 1.0f, beta);
+    gemm_one_thread<float>(block_of(tensor_view<const float, 2>(dscores), j0, t_len, j0, j1).transposed(),
+                           block_of(q, j0, t_len, 0, d), block_of(dk, j0, j1, 0, d), 1.0f, beta);
+  }
+}
+
+/// Head h of batch b of a (B, T, H, D) tensor as a (T, D) matrix.
+template <class T>
+tensor_view<T, 2> head_matrix(tensor_view<T, 4> x, index_t b, index_t h) {
+  return {&x(b, 0, h, 0), {x.extent(1), x.extent(3)}, {x.stride(1), x.stride(3)}};
+}
+template <class T>
+tensor_view<T, 2> square_matrix(tensor_view<T, 4> probs, index_t b, index_t h) {
+  return {&probs(b, h, 0, 0), {probs.extent(2), probs.extent(3)}, {probs.stride(2), probs.stride(3)}};
+}
 }  // namespace detail
 
 /// q: (B, T, H, D); k, v: (B, T, KV, D); out: (B, T, H, D); probs: (B, H, T, T).
@@ -41,6 +131,15 @@ inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const f
                                           tensor_view<float, 4> out, tensor_view<float, 4> probs, float scale) {
   const index_t batch = q.extent(0), t_len = q.extent(1), heads = q.extent(2), d = q.extent(3);
   const index_t group = heads / k.extent(2);
+  if (t_len >= detail::attention_gemm_min_tokens) {
+    detail::parallel_for(exec, batch * heads, [&](index_t bh) {
+      const index_t b = bh / heads, h = bh % heads, g = h / group;
+      detail::attention_forward_blocked(detail::head_matrix(q, b, h), detail::head_matrix(k, b, g),
+                                        detail::head_matrix(v, b, g), detail::head_matrix(out, b, h),
+                                        detail::square_matrix(probs, b, h), scale);
+    });
+    return;
+  }
   detail::parallel_for(exec, batch * heads, [&](index_t bh) {
     const index_t b = bh / heads, h = bh % heads, g = h / group;
     const float** key_rows = detail::row_pointer_scratch(2 * t_len);
@@ -74,6 +173,18 @@ inline void causal_attention_backward_impl(const par_t& exec, tensor_view<const 
                                            tensor_view<float, 4> dv, float scale) {
   const index_t batch = q.extent(0), t_len = q.extent(1), heads = q.extent(2), d = q.extent(3);
   const index_t kv_heads = k.extent(2), group = heads / kv_heads;
+  if (t_len >= detail::attention_gemm_min_tokens) {
+    detail::parallel_for(exec, batch * kv_heads, [&](index_t bg) {
+      const index_t b = bg / kv_heads, g = bg % kv_heads;
+      const tensor_view<float, 2> dscores(detail::scratch_floats(6, std::size_t(t_len * t_len)), {t_len, t_len});
+      for (index_t h = g * group; h < (g + 1) * group; ++h)
+        detail::attention_backward_blocked(
+            detail::head_matrix(dout, b, h), detail::head_matrix(q, b, h), detail::head_matrix(k, b, g),
+            detail::head_matrix(v, b, g), detail::square_matrix(probs, b, h), detail::head_matrix(dq, b, h),
+            detail::head_matrix(dk, b, g), detail::head_matrix(dv, b, g), dscores, scale, h == g * group);
+    });
+    return;
+  }
   detail::parallel_for(exec, batch * kv_heads, [&](index_t bg) {
     const index_t b = bg / kv_heads, g = bg % kv_heads;
     // dS (T, T), then one column of P and of dS; rows of K, V, dO and Q.

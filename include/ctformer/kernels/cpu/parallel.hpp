@@ -2,6 +2,8 @@
 // meet OpenMP.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -28,6 +30,26 @@ void parallel_for(const par_t& exec, index_t n, Body&& body, index_t min_paralle
   (void)min_parallel;
 #endif
   for (index_t i = 0; i < n; ++i) body(i);
+}
+
+/// Calls body(i) for i in [0, n) on `workers` threads (at most the policy's),
+/// each taking the next unclaimed i when it finishes one: first come, first
+/// served. For tasks of uneven or unpredictable cost (two threads rarely
+/// stream DRAM at the same speed), where a static split would leave the
+/// faster thread waiting at the closing barrier. The shared counter costs an
+/// atomic add per task, nothing next to a task worth splitting.
+template <class Body>
+void parallel_for_shared(const par_t& exec, index_t n, index_t workers, Body&& body) {
+  workers = std::min<index_t>(std::min<index_t>(workers, exec.thread_count()), n);
+  if (workers <= 1) {
+    for (index_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+  std::atomic<index_t> next{0};
+  parallel_for(exec, workers, [&](index_t) {
+    for (index_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed))
+      body(i);
+  }, 1);
 }
 
 /// About this many floats of work per thread before a loop is worth

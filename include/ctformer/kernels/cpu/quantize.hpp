@@ -10,7 +10,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -455,8 +454,7 @@ void dequantize_row_fast(const std::byte* row, float* out, index_t cols) {
 /// and a fixed half each would leave the faster one waiting at the barrier.
 /// With four per thread a decode step still spent about a sixth of its
 /// two-thread time spinning at those barriers; sixteen measured 12% faster
-/// for q8_0 decode (q4_0 unchanged within the noise). The atomic counter
-/// costs nothing next to a range of weights.
+/// for q8_0 decode (q4_0 unchanged within the noise).
 /// Matrices under 64 KiB stay on the calling thread: waking the pool costs more.
 template <class Body>
 void for_row_ranges(const par_t& exec, index_t rows, std::size_t bytes, Body&& body) {
@@ -466,12 +464,7 @@ void for_row_ranges(const par_t& exec, index_t rows, std::size_t bytes, Body&& b
     return;
   }
   const index_t ranges = std::min<index_t>(rows, 16 * threads);
-  std::atomic<index_t> next{0};
-  parallel_for(exec, threads, [&](index_t) {
-    for (index_t i = next.fetch_add(1, std::memory_order_relaxed); i < ranges;
-         i = next.fetch_add(1, std::memory_order_relaxed))
-      body(rows * i / ranges, rows * (i + 1) / ranges);
-  });
+  parallel_for_shared(exec, ranges, threads, [&](index_t i) { body(rows * i / ranges, rows * (i + 1) / ranges); });
 }
 
 /// A contiguous copy of x when it is strided (kernels read x with unit stride).

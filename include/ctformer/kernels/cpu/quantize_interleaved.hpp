@@ -10,7 +10,6 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -318,12 +317,7 @@ void quantized_gemm_impl(const par_t& exec, const quant::interleaved_matrix<Form
       }
     }
   };
-  std::atomic<index_t> next_tile{0};
-  detail::parallel_for(exec, std::min(threads, tiles), [&](index_t) {
-    for (index_t tile = next_tile.fetch_add(1, std::memory_order_relaxed); tile < tiles;
-         tile = next_tile.fetch_add(1, std::memory_order_relaxed))
-      run_tile(tile);
-  });
+  detail::parallel_for_shared(exec, tiles, threads, run_tile);
   for (index_t t = 0; t < tokens; ++t)
     for (index_t r = w.groups() * group_rows; r < w.rows(); ++r)
       y(t, r) = detail::interleaved_row_dot(w, r, acts[std::size_t(t)]);
