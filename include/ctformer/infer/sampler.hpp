@@ -256,10 +256,13 @@ class sampler {
   template <class Value>
   static double sum_in_four_chains(std::size_t begin, std::size_t end, Value value) {
     double s[4] = {0.0, 0.0, 0.0, 0.0};
-    std::size_t i = begin;
-    for (; i + 4 <= end; i += 4)
-      for (std::size_t j = 0; j < 4; ++j) s[j] += double(value(i + j));
-    for (; i < end; ++i) s[0] += double(value(i));
+    // Counted in groups of four: with `i + 4 <= end` g++ 12 could not rule
+    // out a wrap and warned (-Waggressive-loop-optimizations) once it
+    // inlined a vector's operator[].
+    const std::size_t groups = end > begin ? (end - begin) / 4 : 0;
+    for (std::size_t g = 0; g < groups; ++g)
+      for (std::size_t j = 0; j < 4; ++j) s[j] += double(value(begin + 4 * g + j));
+    for (std::size_t i = begin + 4 * groups; i < end; ++i) s[0] += double(value(i));
     return (s[0] + s[1]) + (s[2] + s[3]);
   }
   // The candidates' probabilities [begin, end), summed as above.

@@ -27,6 +27,10 @@ inline constexpr index_t cached_attention_tile = 64;
 /// count) so that the result does not depend on how many threads ran.
 inline constexpr index_t cached_attention_part = 256;
 
+/// Prefill queries taken together (attend_queries): they share every tile
+/// of the cache while it is in L1/L2.
+inline constexpr index_t cached_attention_query_block = 8;
+
 #if defined(CTFORMER_CPU_AVX2)
 /// bf16 rows read as pairs: 16 elements in one 32-byte load become the floats
 /// of the even elements (0, 2, ..., 14: a shift) and of the odd ones (a mask),
@@ -111,11 +115,128 @@ inline void accumulate_bf16_rows(const float* p, const bf16* const* rows, index_
 }
 #endif
 
-/// The running softmax of heads [h0, h1) of one query over key positions
-/// [k0, k1) of kv_view `kv` (head h reads kv head h / group). On return,
-/// for each head i = h - h0: max[i] is the largest scaled score, sum[i] the sum
-/// of exp(score - max[i]) and acc[i * d ...] the matching exp-weighted sum of
-/// values (not yet divided by sum[i]).
+/// Where a tile's positions live: the element offset of each position's
+/// key/value slot and (int8) the index of its first scale.
+struct tile_slots {
+  index_t slot[cached_attention_tile];
+  index_t scale_slot[cached_attention_tile];
+};
+
+/// Fills `slots` for positions [p0, p0 + count) of kv.
+template <class E>
+void find_tile_slots(const kv_view<const E>& kv, index_t p0, index_t count, tile_slots& slots) {
+  constexpr bool quantized = std::is_same_v<E, std::int8_t>;
+  // A (block, offset) cursor walks the block table without a division per key.
+  index_t block = p0 / kv.block_tokens, in_block = p0 % kv.block_tokens;
+  const index_t scale_block_stride = kv.block_stride / kv.head_dim;
+  for (index_t j = 0; j < count; ++j) {
+    if (in_block == kv.block_tokens) {
+      in_block = 0;
+      ++block;
+    }
+    const index_t physical = index_t(kv.block_table[block]);
+    slots.slot[j] = physical * kv.block_stride + in_block * kv.token_stride;
+    if constexpr (quantized) slots.scale_slot[j] = physical * scale_block_stride + in_block * kv.kv_heads;
+    ++in_block;
+  }
+}
+
+/// One query's running softmax over heads [h0, h1): for each head i = h - h0,
+/// max[i] is the largest scaled score so far, sum[i] the sum of exp(score -
+/// max[i]) and acc[i * d ...] the matching exp-weighted sum of values (not
+/// yet divided by sum[i]); scores (heads, tile) holds a tile's scores and
+/// paired_q (heads, d) a bf16 cache's permuted query.
+struct query_state {
+  const float* q;
+  float* max;
+  float* sum;
+  float* acc;
+  float* scores;
+  float* paired_q;
+};
+
+/// Floats of scratch one query_state needs for `heads` heads of dimension d.
+inline index_t query_state_floats(index_t heads, index_t d) { return heads * (2 * d + 2 + cached_attention_tile); }
+
+/// A query_state over `scratch` (query_state_floats floats).
+inline query_state make_query_state(const float* q, float* scratch, index_t heads, index_t d) {
+  return {q, scratch, scratch + heads, scratch + 2 * heads, scratch + 2 * heads + heads * d,
+          scratch + 2 * heads + heads * d + heads * cached_attention_tile};
+}
+
+/// Whether a cache of element E and head dimension d reads bf16 rows as pairs.
+template <class E>
+bool reads_pairs(index_t d) {
+#if defined(CTFORMER_CPU_AVX2)
+  return std::is_same_v<E, bf16> && bf16_pairs(d);
+#else
+  (void)d;
+  return false;
+#endif
+}
+
+/// Starts a query: no keys seen; a bf16 cache's query permuted once.
+template <class E>
+void begin_query(query_state& st, index_t h0, index_t h1, index_t d) {
+  const index_t heads = h1 - h0;
+  for (index_t i = 0; i < heads; ++i) {
+    st.max[i] = -std::numeric_limits<float>::infinity();
+    st.sum[i] = 0.0f;
+  }
+  for (index_t i = 0; i < heads * d; ++i) st.acc[i] = 0.0f;
+#if defined(CTFORMER_CPU_AVX2)
+  if (reads_pairs<E>(d))
+    for (index_t i = 0; i < heads; ++i) pair_permute(st.q + (h0 + i) * d, st.paired_q + i * d, d);
+#endif
+}
+
+/// Ends a query: a bf16 cache's accumulator back in element order.
+template <class E>
+void end_query(query_state& st, index_t heads, index_t d) {
+#if defined(CTFORMER_CPU_AVX2)
+  if (reads_pairs<E>(d))
+    for (index_t i = 0; i < heads; ++i) pair_unpermute(st.acc + i * d, d);
+#else
+  (void)st, (void)heads, (void)d;
+#endif
+}
+
+/// Turns head i's scores of a tile (count of them, in st.scores) into
+/// probabilities relative to the running maximum, rescaling what the earlier
+/// tiles summed when the maximum grows.
+inline void tile_softmax(query_state& st, index_t i, index_t count, index_t d) {
+  float* s = st.scores + i * cached_attention_tile;
+  // Maximum and sum run across vector lanes: a scalar loop would be a
+  // chain of 64 dependent adds per head and tile, about a tenth of the
+  // kernel's time. The order is still fixed by the tile's positions.
+  constexpr index_t w = kv_vec::width;
+  kv_vec lanes_max = kv_vec::splat(-std::numeric_limits<float>::infinity());
+  index_t j = 0;
+  for (; j + w <= count; j += w) lanes_max = ctformer::cpu::detail::max(lanes_max, kv_vec::load(s + j));
+  float tile_max = reduce_max(lanes_max);
+  for (; j < count; ++j) tile_max = std::max(tile_max, s[j]);
+  const float new_max = std::max(st.max[i], tile_max);
+  if (new_max > st.max[i] && st.sum[i] > 0.0f) {
+    const float correction = std::exp(st.max[i] - new_max);
+    st.sum[i] *= correction;
+    for (index_t e = 0; e < d; ++e) st.acc[i * d + e] *= correction;
+  }
+  st.max[i] = new_max;
+  // Probabilities of the tile (relative to the running maximum), vectorised exp.
+  const kv_vec m = kv_vec::splat(new_max);
+  kv_vec lanes_sum = kv_vec::splat(0.0f);
+  for (j = 0; j + w <= count; j += w) {
+    const kv_vec p = vexp(kv_vec::load(s + j) - m);
+    p.store(s + j);
+    lanes_sum = lanes_sum + p;
+  }
+  float tile_sum = reduce_add(lanes_sum);
+  for (; j < count; ++j) tile_sum += s[j] = exp_approx(s[j] - new_max);
+  st.sum[i] += tile_sum;
+}
+
+/// Adds the first `count` positions of a tile (slots) to one query's running
+/// softmax over heads [h0, h1) (head h reads kv head h / group).
 ///
 /// The loop runs over positions and, inside, over heads: a position's keys
 /// for all its kv heads are one contiguous run of the cache, so the cache is
@@ -123,141 +244,123 @@ inline void accumulate_bf16_rows(const float* p, const bf16* const* rows, index_
 /// one 128-byte head row per token stride, each of which would wait on DRAM.
 /// Tiles are fixed runs of logical positions, whatever the block size, so a
 /// paged and a contiguous cache holding the same values give the same bits.
-/// scores: room for (h1 - h0) * (cached_attention_tile + head_dim) floats
-/// (the tile's scores, then a bf16 cache's permuted queries).
 template <class E>
-void attend_key_range(const float* q, index_t h0, index_t h1, index_t group, const kv_view<const E>& kv,
-                      index_t k0, index_t k1, float scale, float* max, float* sum, float* acc, float* scores) {
+void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const kv_view<const E>& kv,
+                 const tile_slots& slots, index_t count, float scale) {
   constexpr bool quantized = std::is_same_v<E, std::int8_t>;
   constexpr index_t tile = cached_attention_tile;
   const index_t d = kv.head_dim, heads = h1 - h0;
+  const index_t* slot = slots.slot;
+  const index_t* scale_slot = slots.scale_slot;
+  float* scores = st.scores;
+  const float* q = st.q;
 #if defined(CTFORMER_CPU_AVX2)
   constexpr bool may_pair = std::is_same_v<E, bf16>;
-  const bool paired = may_pair && bf16_pairs(d);
-  float* paired_q = scores + heads * tile;  // (heads, d): q of head h0 + i, pair_permute'd
-  if (paired)
-    for (index_t i = 0; i < heads; ++i) pair_permute(q + (h0 + i) * d, paired_q + i * d, d);
+  const bool paired = reads_pairs<E>(d);
 #endif
-  index_t slot[tile];        // element offset of each position's key/value slot
-  index_t scale_slot[tile];  // int8: index of each position's first scale
-  for (index_t i = 0; i < heads; ++i) {
-    max[i] = -std::numeric_limits<float>::infinity();
-    sum[i] = 0.0f;
-  }
-  for (index_t i = 0; i < heads * d; ++i) acc[i] = 0.0f;
-
-  // A (block, offset) cursor walks the block table without a division per key.
-  index_t block = k0 / kv.block_tokens, in_block = k0 % kv.block_tokens;
-  const index_t scale_block_stride = kv.block_stride / d;
-  for (index_t p0 = k0; p0 < k1;) {
-    const index_t count = std::min(tile, k1 - p0);
-    for (index_t j = 0; j < count; ++j) {
-      if (in_block == kv.block_tokens) {
-        in_block = 0;
-        ++block;
-      }
-      const index_t physical = index_t(kv.block_table[block]);
-      slot[j] = physical * kv.block_stride + in_block * kv.token_stride;
-      if constexpr (quantized) scale_slot[j] = physical * scale_block_stride + in_block * kv.kv_heads;
-      ++in_block;
-    }
-    // Scores, 8 keys at a time. For an int8 cache the values of those 8
-    // positions are asked for meanwhile (the value pass reads them head by
-    // head, and without the hint it measured 10-30% slower). fp32 and bf16
-    // values are left to the hardware prefetchers: on huge pages (host_space)
-    // they follow, and the hint's 24 instructions per position measured
-    // 5-20% slower (bench_cached_attention, Zen 3).
-    const index_t g0 = h0 / group, g1 = (h1 - 1) / group + 1;
-    const index_t value_bytes = (g1 - g0) * d * index_t(sizeof(E));
-    index_t key = 0;
-    for (; key + 8 <= count; key += 8) {
-      if constexpr (quantized)
-        for (index_t r = 0; r < 8; ++r) prefetch_bytes(kv.v + slot[key + r] + g0 * d, value_bytes);
-      for (index_t h = h0; h < h1; ++h) {
-        const index_t g = h / group;
-        const E* rows[8];
-        for (index_t r = 0; r < 8; ++r) rows[r] = kv.k + slot[key + r] + g * d;
-        float dots[8];
-#if defined(CTFORMER_CPU_AVX2)
-        if constexpr (may_pair) {
-          if (paired) dot_bf16_pairs_8(paired_q + (h - h0) * d, rows, d, dots);
-          else dot_kv_8(q + h * d, rows, d, dots);
-        } else {
-          dot_kv_8(q + h * d, rows, d, dots);
-        }
-#else
-        dot_kv_8(q + h * d, rows, d, dots);
-#endif
-        for (index_t r = 0; r < 8; ++r) {
-          float score = dots[r] * scale;
-          if constexpr (quantized) score *= kv.k_scale[scale_slot[key + r] + g];
-          scores[(h - h0) * tile + key + r] = score;
-        }
-      }
-    }
-    for (; key < count; ++key)
-      for (index_t h = h0; h < h1; ++h) {
-        const index_t g = h / group;
-        float score = dot_kv(q + h * d, kv.k + slot[key] + g * d, d) * scale;
-        if constexpr (quantized) score *= kv.k_scale[scale_slot[key] + g];
-        scores[(h - h0) * tile + key] = score;
-      }
-    for (index_t i = 0; i < heads; ++i) {
-      float* s = scores + i * tile;
-      // Maximum and sum run across vector lanes: a scalar loop would be a
-      // chain of 64 dependent adds per head and tile, about a tenth of the
-      // kernel's time. The order is still fixed by the tile's positions.
-      constexpr index_t w = kv_vec::width;
-      kv_vec lanes_max = kv_vec::splat(-std::numeric_limits<float>::infinity());
-      index_t j = 0;
-      for (; j + w <= count; j += w) lanes_max = ctformer::cpu::detail::max(lanes_max, kv_vec::load(s + j));
-      float tile_max = reduce_max(lanes_max);
-      for (; j < count; ++j) tile_max = std::max(tile_max, s[j]);
-      // Rescale what the earlier tiles summed to the new maximum.
-      const float new_max = std::max(max[i], tile_max);
-      if (new_max > max[i] && sum[i] > 0.0f) {
-        const float correction = std::exp(max[i] - new_max);
-        sum[i] *= correction;
-        for (index_t e = 0; e < d; ++e) acc[i * d + e] *= correction;
-      }
-      max[i] = new_max;
-      // Probabilities of the tile (relative to the running maximum), vectorised exp.
-      const kv_vec m = kv_vec::splat(new_max);
-      kv_vec lanes_sum = kv_vec::splat(0.0f);
-      for (j = 0; j + w <= count; j += w) {
-        const kv_vec p = vexp(kv_vec::load(s + j) - m);
-        p.store(s + j);
-        lanes_sum = lanes_sum + p;
-      }
-      float tile_sum = reduce_add(lanes_sum);
-      for (; j < count; ++j) tile_sum += s[j] = exp_approx(s[j] - new_max);
-      sum[i] += tile_sum;
-    }
-    // Values, head by head, the accumulator in registers across the tile.
-    const E* rows[tile];
+  // Scores, 8 keys at a time. For an int8 cache the values of those 8
+  // positions are asked for meanwhile (the value pass reads them head by
+  // head, and without the hint it measured 10-30% slower). fp32 and bf16
+  // values are left to the hardware prefetchers: on huge pages (host_space)
+  // they follow, and the hint's 24 instructions per position measured
+  // 5-20% slower (bench_cached_attention, Zen 3).
+  const index_t g0 = h0 / group, g1 = (h1 - 1) / group + 1;
+  const index_t value_bytes = (g1 - g0) * d * index_t(sizeof(E));
+  index_t key = 0;
+  for (; key + 8 <= count; key += 8) {
+    if constexpr (quantized)
+      for (index_t r = 0; r < 8; ++r) prefetch_bytes(kv.v + slot[key + r] + g0 * d, value_bytes);
     for (index_t h = h0; h < h1; ++h) {
       const index_t g = h / group;
-      float* p = scores + (h - h0) * tile;
-      for (index_t r = 0; r < count; ++r) {
-        rows[r] = kv.v + slot[r] + g * d;
-        if constexpr (quantized) p[r] *= kv.v_scale[scale_slot[r] + g];
-      }
+      const E* rows[8];
+      for (index_t r = 0; r < 8; ++r) rows[r] = kv.k + slot[key + r] + g * d;
+      float dots[8];
 #if defined(CTFORMER_CPU_AVX2)
       if constexpr (may_pair) {
-        if (paired) {
-          accumulate_bf16_rows(p, rows, count, d, acc + (h - h0) * d);
-          continue;
-        }
+        if (paired) dot_bf16_pairs_8(st.paired_q + (h - h0) * d, rows, d, dots);
+        else dot_kv_8(q + h * d, rows, d, dots);
+      } else {
+        dot_kv_8(q + h * d, rows, d, dots);
       }
+#else
+      dot_kv_8(q + h * d, rows, d, dots);
 #endif
-      accumulate_rows(p, rows, count, d, acc + (h - h0) * d);
+      for (index_t r = 0; r < 8; ++r) {
+        float score = dots[r] * scale;
+        if constexpr (quantized) score *= kv.k_scale[scale_slot[key + r] + g];
+        scores[(h - h0) * tile + key + r] = score;
+      }
     }
-    p0 += count;
   }
+  for (; key < count; ++key)
+    for (index_t h = h0; h < h1; ++h) {
+      const index_t g = h / group;
+      float score = dot_kv(q + h * d, kv.k + slot[key] + g * d, d) * scale;
+      if constexpr (quantized) score *= kv.k_scale[scale_slot[key] + g];
+      scores[(h - h0) * tile + key] = score;
+    }
+  for (index_t i = 0; i < heads; ++i) tile_softmax(st, i, count, d);
+  // Values, head by head, the accumulator in registers across the tile.
+  const E* rows[tile];
+  for (index_t h = h0; h < h1; ++h) {
+    const index_t g = h / group;
+    float* p = scores + (h - h0) * tile;
+    for (index_t r = 0; r < count; ++r) {
+      rows[r] = kv.v + slot[r] + g * d;
+      if constexpr (quantized) p[r] *= kv.v_scale[scale_slot[r] + g];
+    }
 #if defined(CTFORMER_CPU_AVX2)
-  if (paired)
-    for (index_t i = 0; i < heads; ++i) pair_unpermute(acc + i * d, d);
+    if constexpr (may_pair) {
+      if (paired) {
+        accumulate_bf16_rows(p, rows, count, d, st.acc + (h - h0) * d);
+        continue;
+      }
+    }
 #endif
+    accumulate_rows(p, rows, count, d, st.acc + (h - h0) * d);
+  }
+}
+
+/// One query over key positions [k0, k1): begin_query, attend_tile per
+/// tile of cached_attention_tile positions from k0, end_query.
+template <class E>
+void attend_key_range(query_state& st, index_t h0, index_t h1, index_t group, const kv_view<const E>& kv,
+                      index_t k0, index_t k1, float scale) {
+  begin_query<E>(st, h0, h1, kv.head_dim);
+  tile_slots slots;
+  for (index_t p0 = k0; p0 < k1; p0 += cached_attention_tile) {
+    const index_t count = std::min(cached_attention_tile, k1 - p0);
+    find_tile_slots(kv, p0, count, slots);
+    attend_tile(st, h0, h1, group, kv, slots, count, scale);
+  }
+  end_query<E>(st, h1 - h0, kv.head_dim);
+}
+
+/// Queries that attend to key positions [0, k1[i]) each, taken together:
+/// every tile of positions is gathered once for all of them (the first query
+/// brings its rows into L1/L2, the others find them there) instead of once
+/// per query from L3. Each query still runs exactly attend_key_range's
+/// arithmetic, tile by tile in the same order, so its result has the same
+/// bits as when it is attended to alone (a decode step).
+///
+/// Tried and dropped: widening each tile's rows once into packed fp32 for
+/// the whole block (no faster: the per-query kernels, not the gathering,
+/// bound this loop).
+template <class E>
+void attend_queries(query_state* states, const index_t* k1, index_t queries, index_t h0, index_t h1, index_t group,
+                    const kv_view<const E>& kv, float scale) {
+  index_t last = 0;
+  for (index_t i = 0; i < queries; ++i) {
+    begin_query<E>(states[i], h0, h1, kv.head_dim);
+    last = std::max(last, k1[i]);
+  }
+  tile_slots slots;
+  for (index_t p0 = 0; p0 < last; p0 += cached_attention_tile) {
+    find_tile_slots(kv, p0, std::min(cached_attention_tile, last - p0), slots);
+    for (index_t i = 0; i < queries; ++i)
+      if (k1[i] > p0) attend_tile(states[i], h0, h1, group, kv, slots, std::min(cached_attention_tile, k1[i] - p0), scale);
+  }
+  for (index_t i = 0; i < queries; ++i) end_query<E>(states[i], h1 - h0, kv.head_dim);
 }
 
 }  // namespace detail
@@ -267,12 +370,13 @@ void attend_key_range(const float* q, index_t h0, index_t h1, index_t group, con
 /// positions [0, start + t]. Head h reads kv head h / (H / KV).
 /// q: (T, H, D), out: (T, H, D), unit stride in D; kv: the sequence's layer view.
 ///
-/// Work is split into tasks of (query, part of its keys, range of kv heads):
-/// a prefill chunk has queries enough to share out; a decode step (T = 1)
-/// splits its keys into parts of cached_attention_part positions, each
-/// scored separately and merged (flash-decoding), and splits heads when the
-/// parts are fewer than the threads. The split never depends on the thread
-/// count, so neither do the results.
+/// Work is split into tasks of (queries, part of their keys, range of kv
+/// heads): a prefill chunk has queries enough to share out, in blocks of
+/// cached_attention_query_block that read each tile of the cache once; a
+/// decode step (T = 1) splits its keys into parts of cached_attention_part
+/// positions, each scored separately and merged (flash-decoding), and splits
+/// heads when the parts are fewer than the threads. The split never depends
+/// on the thread count, so neither do the results.
 template <class E>
 void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, const kv_view<const E>& kv,
                            tensor_view<float, 3> out, index_t start, float scale) {
@@ -285,35 +389,43 @@ void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, con
   const index_t key_rows = t_len * heads * (start + t_len);
   const index_t workers = key_rows < 512 ? 1 : threads;
   const index_t parts = t_len == 1 ? (start + 1 + detail::cached_attention_part - 1) / detail::cached_attention_part : 1;
+  constexpr index_t block = detail::cached_attention_query_block;
+  const index_t query_blocks = (t_len + block - 1) / block;
   const index_t splits =
-      std::clamp<index_t>((workers + t_len * parts - 1) / (t_len * parts), 1, kv.kv_heads);
-  const index_t tasks = t_len * parts * splits;
+      std::clamp<index_t>((workers + query_blocks * parts - 1) / (query_blocks * parts), 1, kv.kv_heads);
+  const index_t tasks = query_blocks * parts * splits;
   // Partial results of the parts of a decode step: (part, head) max and sum,
   // then (part, head, d) accumulators, then one merge weight per part; a
   // single part writes out directly.
   float* partial = parts > 1 ? detail::scratch_floats(4, std::size_t(parts * (heads * (d + 2) + 1))) : nullptr;
   auto run = [&](index_t task) {
-    const index_t split = task % splits, part = (task / splits) % parts, t = task / (splits * parts);
+    const index_t split = task % splits, part = (task / splits) % parts, qb = task / (splits * parts);
     const index_t g0 = kv.kv_heads * split / splits, g1 = kv.kv_heads * (split + 1) / splits;
     const index_t h0 = g0 * group, h1 = g1 * group, n = h1 - h0;
-    const index_t n_keys = start + t + 1;
-    const index_t k0 = part * detail::cached_attention_part;
-    const index_t k1 = parts > 1 ? std::min(n_keys, k0 + detail::cached_attention_part) : n_keys;
-    float* scratch = detail::scratch_floats(5, std::size_t(n * (2 * d + 2 + detail::cached_attention_tile)));
-    float* max = scratch;
-    float* sum = scratch + n;
-    float* acc = scratch + 2 * n;
-    if (parts > 1) {
-      max = partial + part * heads + h0;
-      sum = partial + parts * heads + part * heads + h0;
-      acc = partial + 2 * parts * heads + (part * heads + h0) * d;
+    const index_t t0 = qb * block, queries = std::min(block, t_len - t0);
+    const index_t state_floats = detail::query_state_floats(n, d);
+    float* scratch = detail::scratch_floats(5, std::size_t(queries * state_floats));
+    detail::query_state states[block];
+    index_t k1[block];
+    for (index_t i = 0; i < queries; ++i) {
+      states[i] = detail::make_query_state(&q(t0 + i, 0, 0), scratch + i * state_floats, n, d);
+      k1[i] = start + t0 + i + 1;
     }
-    detail::attend_key_range(&q(t, 0, 0), h0, h1, group, kv, k0, k1, scale, max, sum, acc,
-                             scratch + n * (d + 2));
-    if (parts == 1)
+    if (parts > 1) {  // one decode query, one part of its keys
+      detail::query_state& st = states[0];
+      st.max = partial + part * heads + h0;
+      st.sum = partial + parts * heads + part * heads + h0;
+      st.acc = partial + 2 * parts * heads + (part * heads + h0) * d;
+      const index_t k0 = part * detail::cached_attention_part;
+      detail::attend_key_range(st, h0, h1, group, kv, k0, std::min(k1[0], k0 + detail::cached_attention_part), scale);
+      return;
+    }
+    if (queries == 1) detail::attend_key_range(states[0], h0, h1, group, kv, 0, k1[0], scale);
+    else detail::attend_queries(states, k1, queries, h0, h1, group, kv, scale);
+    for (index_t t = 0; t < queries; ++t)
       for (index_t i = 0; i < n; ++i) {
-        const float inverse = 1.0f / sum[i];
-        for (index_t e = 0; e < d; ++e) out(t, h0 + i, e) = acc[i * d + e] * inverse;
+        const float inverse = 1.0f / states[t].sum[i];
+        for (index_t e = 0; e < d; ++e) out(t0 + t, h0 + i, e) = states[t].acc[i * d + e] * inverse;
       }
   };
   if (workers <= 1 || tasks <= 1) {
