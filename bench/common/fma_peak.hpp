@@ -63,3 +63,21 @@ inline double fma_peak_gflops(int threads) {
 
 }  // namespace ctformer::bench
 #endif
+
+namespace ctformer::bench {
+
+/// fma_peak_gflops on 1 or 2 threads, measured once per program on first use
+/// (0 where the build targets no FMA): the peak_GFLOP/s counter beside a
+/// compute-bound figure.
+inline double fma_peak_once(int threads) {
+  static const double peak[3] = {0,
+#if defined(CTFORMER_BENCH_HAS_FMA_PEAK)
+                                 fma_peak_gflops(1), fma_peak_gflops(2)
+#else
+                                 0, 0
+#endif
+  };
+  return threads >= 1 && threads <= 2 ? peak[threads] : 0.0;
+}
+
+}  // namespace ctformer::bench

@@ -28,19 +28,6 @@ constexpr index_t n_layer = 12, heads = 12, kv_heads = 12, head_dim = 64, max_co
 
 double bandwidth[3] = {0, 0, 0};  // GB/s, [threads]
 
-/// The fp32 FMA peak on 1 or 2 threads, measured once on first use (0 where
-/// the build targets no FMA).
-double fma_peak(int threads) {
-  static const double peak[3] = {0,
-#if defined(CTFORMER_BENCH_HAS_FMA_PEAK)
-                                 bench::fma_peak_gflops(1), bench::fma_peak_gflops(2)
-#else
-                                 0, 0
-#endif
-  };
-  return peak[threads];
-}
-
 /// One contiguous cache per element type, its sequence filled with random
 /// keys and values up to the longest context.
 template <class E>
@@ -94,7 +81,7 @@ void bm_decode_attention(benchmark::State& state) {
 /// query t attending to keys [0, t], as the first chunk of a prompt runs it.
 /// Compute-bound (each key row serves every later query from cache), so the
 /// figure is GFLOP/s of score and value products (2 x 2 x head_dim per
-/// (query, key, head) pair) beside one core's FMA peak times the threads.
+/// (query, key, head) pair) beside the FMA peak of as many threads.
 /// state.range(0): the chunk; state.range(1): threads.
 template <class E>
 void bm_prefill_attention(benchmark::State& state) {
@@ -114,7 +101,7 @@ void bm_prefill_attention(benchmark::State& state) {
   const double pairs = double(chunk) * double(chunk + 1) / 2 * heads;
   state.counters["GFLOP/s"] =
       benchmark::Counter(pairs * 4.0 * head_dim / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["peak_GFLOP/s"] = fma_peak(int(state.range(1)));
+  state.counters["peak_GFLOP/s"] = bench::fma_peak_once(int(state.range(1)));
 }
 
 void attention_args(benchmark::internal::Benchmark* b) {

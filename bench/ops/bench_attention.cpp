@@ -18,19 +18,6 @@ using namespace ctformer;
 
 namespace {
 
-/// The fp32 FMA peak on 1 or 2 threads, measured once on first use (0 where
-/// the build targets no FMA).
-double fma_peak(int threads) {
-  static const double peak[3] = {0,
-#if defined(CTFORMER_BENCH_HAS_FMA_PEAK)
-                                 bench::fma_peak_gflops(1), bench::fma_peak_gflops(2)
-#else
-                                 0, 0
-#endif
-  };
-  return peak[threads];
-}
-
 /// Args: batch, positions, query heads, head dim, kv heads, threads.
 void bm_attention_step(benchmark::State& state) {
   const index_t b = state.range(0), t = state.range(1), h = state.range(2), d = state.range(3), kv = state.range(4);
@@ -59,7 +46,7 @@ void bm_attention_step(benchmark::State& state) {
   const double pairs = double(b) * double(h) * double(t) * double(t + 1) / 2;
   state.counters["GFLOP/s"] =
       benchmark::Counter(6.0 * 2.0 * double(d) * pairs / 1e9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["peak_GFLOP/s"] = fma_peak(int(state.range(5)));
+  state.counters["peak_GFLOP/s"] = bench::fma_peak_once(int(state.range(5)));
 }
 
 }  // namespace

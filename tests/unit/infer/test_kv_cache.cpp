@@ -346,16 +346,17 @@ TEST_CASE("a bf16 cache gives the values' exact attention at every head dimensio
 
 TEMPLATE_TEST_CASE("a prefill query gets the bits it gets alone, whatever cache element type", "[infer][kv_cache][attention]",
                    float, bf16, std::int8_t) {
-  // A prefill chunk's queries run in blocks of 8 that walk the cache's 64-key
-  // tiles together, each query with the same tiles and operations as a single
-  // query; 150 keys keep the single query in one decode part, so no
-  // tolerance. 30 queries at positions 120-149: blocks of 8, 8, 8 and 6, the
-  // first ending inside the tile [64, 128) at different counts per query, the
-  // second starting at its edge. (Scoring blocks of 4 queries per pass over
-  // the keys, widened to fp32 once per block, was tried, and so was packing
-  // each tile's rows to fp32 once per block of 8: same bits, no faster on
-  // Zen 3.)
-  const index_t n = 150, t_len = 30;
+  // A prefill chunk's queries run in blocks of up to 8 that walk the cache's
+  // 64-key tiles together, each query with the same tiles and operations as
+  // a single query; 151 keys keep the single query in one decode part, so no
+  // tolerance. 30 queries at positions 121-150: on 2 threads blocks of 8, 8,
+  // 8 and 6, the first straddling the tile edge at 128 (its last query
+  // reaches into the tile [128, 192), the other seven end at or before its
+  // edge and skip it); on 1 thread the same. (Scoring blocks of 4 queries
+  // per pass over the keys, widened to fp32 once per block, was tried, and
+  // so was packing each tile's rows to fp32 once per block of 8: same bits,
+  // no faster on Zen 3.)
+  const index_t n = 151, t_len = 30;
   const auto k = testing::random_floats(std::size_t(n * kv_heads * head_dim), 23, -2.0f, 2.0f);
   const auto v = testing::random_floats(std::size_t(n * kv_heads * head_dim), 24);
   const auto q = testing::random_floats(std::size_t(t_len * heads * head_dim), 25, -2.0f, 2.0f);

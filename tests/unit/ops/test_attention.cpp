@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "kernel_test_util.hpp"
@@ -104,8 +105,11 @@ TEMPLATE_LIST_TEST_CASE("causal attention forward and backward match a double re
     const auto ref = reference(s, q, k, v, dout, scale);
 
     auto qd = upload(exec, q), kd = upload(exec, k), vd = upload(exec, v), dod = upload(exec, dout);
-    buffer_for<float, TestType> out(q.size()), probs(std::size_t(s.b * s.h * s.t * s.t)), dq(q.size()),
-        dk(k.size()), dv(v.size());
+    // Every output starts as NaN: each element must be written (the masked
+    // probabilities included), and dq, dk, dv overwritten, not added to.
+    const auto nans = [](std::size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); };
+    auto out = upload(exec, nans(q.size())), probs = upload(exec, nans(std::size_t(s.b * s.h * s.t * s.t)));
+    auto dq = upload(exec, nans(q.size())), dk = upload(exec, nans(k.size())), dv = upload(exec, nans(v.size()));
     ops::causal_attention_forward(exec, as_const(qd.view(s.b, s.t, s.h, s.d)), as_const(kd.view(s.b, s.t, s.kv, s.d)),
                                   as_const(vd.view(s.b, s.t, s.kv, s.d)), out.view(s.b, s.t, s.h, s.d),
                                   probs.view(s.b, s.h, s.t, s.t), scale);

@@ -36,9 +36,9 @@ inline void dot_rows(const float* a, const float* const* rows, index_t count, in
 
 /// From this many positions on, a head's attention runs as blocked matrix
 /// products on the GEMM micro-kernel instead of query row by query row: 1.4x
-/// faster at T = 64, 2x at 256, 3x at 512 (one thread, Zen 3). At 12-16
-/// positions the two measured level, the products too small to pay for
-/// their packing.
+/// faster at T = 64, 2.4x at 256, 2.7x at 512 (bench_attention, one thread,
+/// Zen 3). At 12-16 positions the two measured level (the products too
+/// small to pay for their packing); 32 is set between the two measurements.
 inline constexpr index_t attention_gemm_min_tokens = 32;
 /// Query rows (and key rows, in the backward's key pass) per block: each
 /// block multiplies against keys [0, block end), so the causal upper
@@ -46,11 +46,8 @@ inline constexpr index_t attention_gemm_min_tokens = 32;
 inline constexpr index_t attention_gemm_rows = 64;
 
 /// Rows [r0, r1) and columns [c0, c1) of a matrix view.
-inline tensor_view<const float, 2> block_of(tensor_view<const float, 2> x, index_t r0, index_t r1, index_t c0,
-                                            index_t c1) {
-  return {&x(r0, c0), {r1 - r0, c1 - c0}, {x.stride(0), x.stride(1)}};
-}
-inline tensor_view<float, 2> block_of(tensor_view<float, 2> x, index_t r0, index_t r1, index_t c0, index_t c1) {
+template <class T>
+tensor_view<T, 2> block_of(tensor_view<T, 2> x, index_t r0, index_t r1, index_t c0, index_t c1) {
   return {&x(r0, c0), {r1 - r0, c1 - c0}, {x.stride(0), x.stride(1)}};
 }
 
@@ -118,14 +115,17 @@ template <class T>
 tensor_view<T, 2> head_matrix(tensor_view<T, 4> x, index_t b, index_t h) {
   return {&x(b, 0, h, 0), {x.extent(1), x.extent(3)}, {x.stride(1), x.stride(3)}};
 }
+/// The (T, T) probabilities of head h of batch b in a (B, H, T, T) tensor.
 template <class T>
-tensor_view<T, 2> square_matrix(tensor_view<T, 4> probs, index_t b, index_t h) {
+tensor_view<T, 2> head_probabilities(tensor_view<T, 4> probs, index_t b, index_t h) {
   return {&probs(b, h, 0, 0), {probs.extent(2), probs.extent(3)}, {probs.stride(2), probs.stride(3)}};
 }
 }  // namespace detail
 
 /// q: (B, T, H, D); k, v: (B, T, KV, D); out: (B, T, H, D); probs: (B, H, T, T).
 /// Head h reads key/value head h / (H / KV). Every view has unit stride in D.
+/// From attention_gemm_min_tokens positions on, attention_forward_blocked;
+/// below, query row by query row.
 inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const float, 4> q,
                                           tensor_view<const float, 4> k, tensor_view<const float, 4> v,
                                           tensor_view<float, 4> out, tensor_view<float, 4> probs, float scale) {
@@ -136,7 +136,7 @@ inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const f
       const index_t b = bh / heads, h = bh % heads, g = h / group;
       detail::attention_forward_blocked(detail::head_matrix(q, b, h), detail::head_matrix(k, b, g),
                                         detail::head_matrix(v, b, g), detail::head_matrix(out, b, h),
-                                        detail::square_matrix(probs, b, h), scale);
+                                        detail::head_probabilities(probs, b, h), scale);
     });
     return;
   }
@@ -163,9 +163,11 @@ inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const f
 /// overwritten too (each key/value head sums the heads of its group, so the
 /// work is split by (batch, key/value head) and no two threads share a row).
 ///
-/// Per head, a pass over query rows finds dS = P * (dO V^T - rowsum) * scale
-/// and dQ = dS K; a pass over key rows then sums dV = P^T dO and dK = dS^T Q,
-/// so every sum runs into registers instead of into a row in memory per term.
+/// From attention_gemm_min_tokens positions on, attention_backward_blocked
+/// does this as matrix products. Below that, per head, a pass over query rows
+/// finds dS = P * (dO V^T - rowsum) * scale and dQ = dS K; a pass over key
+/// rows then sums dV = P^T dO and dK = dS^T Q, so every sum runs into
+/// registers instead of into a row in memory per term.
 inline void causal_attention_backward_impl(const par_t& exec, tensor_view<const float, 4> dout,
                                            tensor_view<const float, 4> q, tensor_view<const float, 4> k,
                                            tensor_view<const float, 4> v, tensor_view<const float, 4> probs,
@@ -180,7 +182,7 @@ inline void causal_attention_backward_impl(const par_t& exec, tensor_view<const 
       for (index_t h = g * group; h < (g + 1) * group; ++h)
         detail::attention_backward_blocked(
             detail::head_matrix(dout, b, h), detail::head_matrix(q, b, h), detail::head_matrix(k, b, g),
-            detail::head_matrix(v, b, g), detail::square_matrix(probs, b, h), detail::head_matrix(dq, b, h),
+            detail::head_matrix(v, b, g), detail::head_probabilities(probs, b, h), detail::head_matrix(dq, b, h),
             detail::head_matrix(dk, b, g), detail::head_matrix(dv, b, g), dscores, scale, h == g * group);
     });
     return;

@@ -18,8 +18,8 @@ namespace ctformer::cpu {
 
 namespace detail {
 
-/// Keys scored per tile: the tile's scores sit on the stack, one exp pass and
-/// one rescale of the accumulator per tile rather than per key.
+/// Keys scored per tile: the tile's scores sit in the query's scratch, one
+/// exp pass and one rescale of the accumulator per tile rather than per key.
 inline constexpr index_t cached_attention_tile = 64;
 
 /// Keys per part of a decode step's key range: the parts are scored on
@@ -27,15 +27,15 @@ inline constexpr index_t cached_attention_tile = 64;
 /// count) so that the result does not depend on how many threads ran.
 inline constexpr index_t cached_attention_part = 256;
 
-/// Prefill queries taken together (attend_queries): they share every tile
-/// of the cache while it is in L1/L2.
+/// The most prefill queries taken together (attend_queries): they share
+/// every tile of the cache while it is in L1/L2.
 inline constexpr index_t cached_attention_query_block = 8;
 
 #if defined(CTFORMER_CPU_AVX2)
 /// bf16 rows read as pairs: 16 elements in one 32-byte load become the floats
 /// of the even elements (0, 2, ..., 14: a shift) and of the odd ones (a mask),
 /// two instructions per 16 elements where widening 8 at a time takes four.
-/// Dot products use a query permuted the same way once per call (pair_permute);
+/// Dot products use a query permuted the same way once per query (pair_permute);
 /// value sums keep the accumulator permuted until the end of the key range
 /// (pair_unpermute). Each value element still sums its positions in order
 /// with one fused multiply-add each, so only the scores' reduction order differs.
@@ -336,29 +336,32 @@ void attend_key_range(query_state& st, index_t h0, index_t h1, index_t group, co
   end_query<E>(st, h1 - h0, kv.head_dim);
 }
 
-/// Queries that attend to key positions [0, k1[i]) each, taken together:
-/// every tile of positions is gathered once for all of them (the first query
-/// brings its rows into L1/L2, the others find them there) instead of once
-/// per query from L3. Each query still runs exactly attend_key_range's
-/// arithmetic, tile by tile in the same order, so its result has the same
-/// bits as when it is attended to alone (a decode step).
+/// Queries that attend to key positions [0, key_ends[i]) each, taken
+/// together: every tile of positions is gathered once for all of them (the
+/// first query brings its rows into L1/L2, the others find them there)
+/// instead of once per query from L3. Each query still runs exactly
+/// attend_key_range's arithmetic, tile by tile in the same order, so its
+/// result has the same bits as when it is attended to alone -- and as a
+/// decode step of it, as long as that step runs as one part (position <
+/// cached_attention_part; longer decode steps merge parts).
 ///
 /// Tried and dropped: widening each tile's rows once into packed fp32 for
 /// the whole block (no faster: the per-query kernels, not the gathering,
 /// bound this loop).
 template <class E>
-void attend_queries(query_state* states, const index_t* k1, index_t queries, index_t h0, index_t h1, index_t group,
-                    const kv_view<const E>& kv, float scale) {
+void attend_queries(query_state* states, const index_t* key_ends, index_t queries, index_t h0, index_t h1,
+                    index_t group, const kv_view<const E>& kv, float scale) {
   index_t last = 0;
   for (index_t i = 0; i < queries; ++i) {
     begin_query<E>(states[i], h0, h1, kv.head_dim);
-    last = std::max(last, k1[i]);
+    last = std::max(last, key_ends[i]);
   }
   tile_slots slots;
   for (index_t p0 = 0; p0 < last; p0 += cached_attention_tile) {
     find_tile_slots(kv, p0, std::min(cached_attention_tile, last - p0), slots);
     for (index_t i = 0; i < queries; ++i)
-      if (k1[i] > p0) attend_tile(states[i], h0, h1, group, kv, slots, std::min(cached_attention_tile, k1[i] - p0), scale);
+      if (key_ends[i] > p0)  // a query whose keys ended at this tile's edge has no part in it
+        attend_tile(states[i], h0, h1, group, kv, slots, std::min(cached_attention_tile, key_ends[i] - p0), scale);
   }
   for (index_t i = 0; i < queries; ++i) end_query<E>(states[i], h1 - h0, kv.head_dim);
 }
@@ -371,12 +374,13 @@ void attend_queries(query_state* states, const index_t* k1, index_t queries, ind
 /// q: (T, H, D), out: (T, H, D), unit stride in D; kv: the sequence's layer view.
 ///
 /// Work is split into tasks of (queries, part of their keys, range of kv
-/// heads): a prefill chunk has queries enough to share out, in blocks of
-/// cached_attention_query_block that read each tile of the cache once; a
+/// heads): a prefill chunk has queries enough to share out, in blocks of up
+/// to cached_attention_query_block that read each tile of the cache once; a
 /// decode step (T = 1) splits its keys into parts of cached_attention_part
 /// positions, each scored separately and merged (flash-decoding), and splits
-/// heads when the parts are fewer than the threads. The split never depends
-/// on the thread count, so neither do the results.
+/// heads when the tasks would be fewer than the threads. How many tasks there
+/// are depends on the threads; the results do not (every head and query is
+/// computed the same way in any task, and parts are fixed positions).
 template <class E>
 void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, const kv_view<const E>& kv,
                            tensor_view<float, 3> out, index_t start, float scale) {
@@ -389,7 +393,10 @@ void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, con
   const index_t key_rows = t_len * heads * (start + t_len);
   const index_t workers = key_rows < 512 ? 1 : threads;
   const index_t parts = t_len == 1 ? (start + 1 + detail::cached_attention_part - 1) / detail::cached_attention_part : 1;
-  constexpr index_t block = detail::cached_attention_query_block;
+  // Blocks of up to 8 queries, smaller when a short chunk would otherwise
+  // leave threads without a task (a chunk of 8 queries on 2 threads: 2 blocks).
+  constexpr index_t max_block = detail::cached_attention_query_block;
+  const index_t block = std::clamp<index_t>((t_len + workers - 1) / workers, 1, max_block);
   const index_t query_blocks = (t_len + block - 1) / block;
   const index_t splits =
       std::clamp<index_t>((workers + query_blocks * parts - 1) / (query_blocks * parts), 1, kv.kv_heads);
@@ -405,11 +412,11 @@ void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, con
     const index_t t0 = qb * block, queries = std::min(block, t_len - t0);
     const index_t state_floats = detail::query_state_floats(n, d);
     float* scratch = detail::scratch_floats(5, std::size_t(queries * state_floats));
-    detail::query_state states[block];
-    index_t k1[block];
+    detail::query_state states[max_block];
+    index_t key_ends[max_block];
     for (index_t i = 0; i < queries; ++i) {
       states[i] = detail::make_query_state(&q(t0 + i, 0, 0), scratch + i * state_floats, n, d);
-      k1[i] = start + t0 + i + 1;
+      key_ends[i] = start + t0 + i + 1;
     }
     if (parts > 1) {  // one decode query, one part of its keys
       detail::query_state& st = states[0];
@@ -417,11 +424,12 @@ void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, con
       st.sum = partial + parts * heads + part * heads + h0;
       st.acc = partial + 2 * parts * heads + (part * heads + h0) * d;
       const index_t k0 = part * detail::cached_attention_part;
-      detail::attend_key_range(st, h0, h1, group, kv, k0, std::min(k1[0], k0 + detail::cached_attention_part), scale);
+      detail::attend_key_range(st, h0, h1, group, kv, k0, std::min(key_ends[0], k0 + detail::cached_attention_part),
+                               scale);
       return;
     }
-    if (queries == 1) detail::attend_key_range(states[0], h0, h1, group, kv, 0, k1[0], scale);
-    else detail::attend_queries(states, k1, queries, h0, h1, group, kv, scale);
+    if (queries == 1) detail::attend_key_range(states[0], h0, h1, group, kv, 0, key_ends[0], scale);
+    else detail::attend_queries(states, key_ends, queries, h0, h1, group, kv, scale);
     for (index_t t = 0; t < queries; ++t)
       for (index_t i = 0; i < n; ++i) {
         const float inverse = 1.0f / states[t].sum[i];
