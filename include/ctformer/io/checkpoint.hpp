@@ -18,22 +18,9 @@
 
 #include "ctformer/core/parameter_range.hpp"
 #include "ctformer/io/safetensors.hpp"
+#include "ctformer/nn/parameters.hpp"
 
 namespace ctformer::io {
-
-/// One parameter tensor inside the flat parameter buffer: its checkpoint name
-/// ("blocks.0.attn.w_qkv"), first element, and shape (row-major, contiguous).
-struct tensor_entry {
-  std::string name;
-  index_t offset = 0;
-  std::vector<index_t> shape;
-
-  index_t size() const {
-    index_t n = 1;
-    for (index_t e : shape) n *= e;
-    return n;
-  }
-};
 
 /// The value of the "format" metadata key; a file without it is not a ctformer checkpoint.
 inline constexpr std::string_view checkpoint_format = "ctformer.checkpoint.v1";
@@ -43,7 +30,7 @@ inline constexpr std::string_view checkpoint_format = "ctformer.checkpoint.v1";
 /// step, optimizer_step and rng are values: save writes them, load sets them.
 /// config_json and vocabulary are what load expects to find.
 struct checkpoint_state {
-  std::span<const tensor_entry> parameter_table;  ///< every parameter tensor, by name
+  std::span<const nn::parameter_info> parameter_table;  ///< every parameter tensor, by name
   tensor_view<float, 1> parameters;               // (P) the flat fp32 master weights
   std::vector<named_tensor> optimizer_state;      ///< saved as "optimizer.<name>", each (n)
   std::int64_t step = 0;                          ///< training steps done
@@ -67,7 +54,7 @@ namespace detail {
 inline void check_table(const char* operation, const checkpoint_state& s) {
   const index_t p = s.parameters.extent(0);
   std::set<std::string> names;
-  for (const tensor_entry& e : s.parameter_table) {
+  for (const nn::parameter_info& e : s.parameter_table) {
     if (e.offset < 0 || e.size() < 0 || e.offset + e.size() > p)
       throw invalid_input(std::string("ctformer::io::") + operation + ": parameter '" + e.name + "' [" +
                           std::to_string(e.offset) + ", " + std::to_string(e.offset + e.size()) +
@@ -129,7 +116,7 @@ inline void save_checkpoint(const std::filesystem::path& path, const checkpoint_
   detail::check_table("save_checkpoint", s);
   std::vector<tensor_source> sources;
   sources.reserve(s.parameter_table.size() + s.optimizer_state.size());
-  for (const tensor_entry& e : s.parameter_table)
+  for (const nn::parameter_info& e : s.parameter_table)
     sources.push_back(make_source<float>(
         e.name, std::span<const float>(s.parameters.data() + e.offset, std::size_t(e.size())), e.shape));
   for (const named_tensor& t : s.optimizer_state)
@@ -183,7 +170,7 @@ inline void load_checkpoint(const std::filesystem::path& path, checkpoint_state&
   }
 
   std::set<std::string> expected;
-  for (const tensor_entry& e : s.parameter_table) {
+  for (const nn::parameter_info& e : s.parameter_table) {
     f.require(e.name, dtype::f32, e.shape);
     expected.insert(e.name);
   }
@@ -198,7 +185,7 @@ inline void load_checkpoint(const std::filesystem::path& path, checkpoint_state&
       detail::fail_tensor(path, name, "is in the file but not in the model or optimizer (a different model?)");
 
   // Everything checked: from here on nothing can fail.
-  for (const tensor_entry& e : s.parameter_table) {
+  for (const nn::parameter_info& e : s.parameter_table) {
     const auto bytes = f.bytes(e.name);
     if (!bytes.empty()) std::memcpy(s.parameters.data() + e.offset, bytes.data(), bytes.size());
   }

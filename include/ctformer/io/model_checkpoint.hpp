@@ -13,14 +13,6 @@
 
 namespace ctformer::io {
 
-/// The model's parameter table in the form checkpoints take.
-template <class Model>
-std::vector<tensor_entry> checkpoint_table(const Model& model) {
-  std::vector<tensor_entry> table;
-  for (const auto& p : model.parameter_table()) table.push_back({p.name, p.offset, p.shape});
-  return table;
-}
-
 /// What a training run saves beside the model.
 struct training_state {
   std::vector<named_tensor> optimizer_state;  ///< views of the optimizer's buffers
@@ -35,7 +27,7 @@ template <class Model>
 void save_model_checkpoint(const std::filesystem::path& path, Model& model, const training_state& state) {
   static_assert(Model::template storage<float>::space::host_accessible,
                 "ctformer: checkpoints are written from host memory; copy device parameters to the host first");
-  const auto table = checkpoint_table(model);
+  const auto& table = model.parameter_table();
   checkpoint_state s{table, model.parameters(), state.optimizer_state, state.step, state.optimizer_step, state.rng,
                      nn::config_json<typename Model::config>(), state.vocabulary};
   save_checkpoint(path, s);
@@ -49,7 +41,7 @@ template <class Model>
 void load_model_checkpoint(const std::filesystem::path& path, Model& model, training_state& state) {
   static_assert(Model::template storage<float>::space::host_accessible,
                 "ctformer: checkpoints are read into host memory; load on the host, then copy to the device");
-  const auto table = checkpoint_table(model);
+  const auto& table = model.parameter_table();
   checkpoint_state s{table, model.parameters(), state.optimizer_state, state.step, state.optimizer_step, state.rng,
                      nn::config_json<typename Model::config>(), state.vocabulary};
   load_checkpoint(path, s);

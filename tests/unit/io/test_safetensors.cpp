@@ -248,7 +248,7 @@ namespace {
 // A model-like setup: a flat buffer with three tensors, and AdamW-like state.
 struct fake_training {
   std::vector<float> params, m, v;
-  std::vector<io::tensor_entry> table = {{"embed", 0, {4, 3}}, {"norm.weight", 12, {3}}, {"head", 15, {3, 2}}};
+  std::vector<nn::parameter_info> table = {{"embed", 0, {4, 3}}, {"norm.weight", 12, {3}}, {"head", 15, {3, 2}}};
   io::checkpoint_state state;
 
   explicit fake_training(std::uint32_t seed) : params(21), m(21), v(21) {

@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Decode and prefill tokens/s: ctformer (bench_decode) against llama.cpp on this machine.
+
+PEERS.md measured llama.cpp on another machine (Sapphire Rapids, AMX). This
+script measures it here, on the same LLaMA-shaped model as bench_decode
+(d_model 768, 12 layers, 12 heads, d_ff 2048, vocabulary 32000, RMSNorm,
+RoPE base 10000, tied embeddings, random weights), so that the comparison is
+a ratio taken in one session on one machine. The rounds alternate (llama.cpp,
+then ctformer, per format and thread count), because this machine's memory
+bandwidth moves by tens of percent from one minute to the next.
+
+    tools/build_llama_cpp.sh /tmp/llama.cpp            # once: llama-bench, llama-quantize
+    python3 tools/compare_llama_cpp.py --llama-cpp /tmp/llama.cpp/build/bin \\
+        --bench build/bench/bench_decode
+
+What each side runs:
+- llama.cpp: llama-bench -p 512 -n 128 -fa 0 (prefill of a 512-token prompt;
+  128 decode steps starting from an empty cache, F16 KV cache), the GGUF
+  files written here (F32) and quantized by llama-quantize (Q8_0, Q4_0 with
+  its default Q6_K for the tied embedding/output matrix, as in PEERS.md).
+- ctformer: bench_decode's LLaMA rows: prefill 512 and decode at context 128
+  (a bf16 KV cache, the same bytes per element as F16). Decode at context 128
+  reads more cache per token than llama.cpp's steps from 0 to 128 do, so
+  the decode ratio slightly favours llama.cpp.
+
+Needs numpy and gguf (pip install numpy gguf).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+
+D_MODEL, LAYERS, HEADS, D_FF, VOCAB, CONTEXT = 768, 12, 12, 2048, 32000, 2048
+FORMATS = {"fp32": ("F32", "quant::fp32"), "q8_0": ("Q8_0", "quant::q8_0"), "q4_0": ("Q4_0", "quant::q4_0")}
+
+
+def write_gguf(path):
+    """The LLaMA-shaped model with random weights, F32, in llama.cpp's tensor names."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+
+    def random(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float32)
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_context_length(CONTEXT)
+    writer.add_embedding_length(D_MODEL)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(D_FF)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(HEADS)
+    writer.add_rope_dimension_count(D_MODEL // HEADS)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(VOCAB)
+    writer.add_file_type(0)  # all F32
+    # A SentencePiece-style vocabulary: control tokens, the 256 byte tokens,
+    # then filler pieces. llama-bench feeds random token ids, so only the
+    # count matters.
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"piece{i}" for i in range(VOCAB - len(tokens))]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    types += [gguf.TokenType.NORMAL] * (VOCAB - len(types))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * VOCAB)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    # numpy shapes are (out, in); tied embeddings: no output.weight.
+    writer.add_tensor("token_embd.weight", random(VOCAB, D_MODEL))
+    writer.add_tensor("output_norm.weight", np.ones(D_MODEL, dtype=np.float32))
+    for layer in range(LAYERS):
+        p = f"blk.{layer}."
+        writer.add_tensor(p + "attn_norm.weight", np.ones(D_MODEL, dtype=np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(p + name + ".weight", random(D_MODEL, D_MODEL))
+        writer.add_tensor(p + "ffn_norm.weight", np.ones(D_MODEL, dtype=np.float32))
+        writer.add_tensor(p + "ffn_gate.weight", random(D_FF, D_MODEL))
+        writer.add_tensor(p + "ffn_up.weight", random(D_FF, D_MODEL))
+        writer.add_tensor(p + "ffn_down.weight", random(D_MODEL, D_FF))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def model_files(llama_bin, directory):
+    """F32, Q8_0 and Q4_0 GGUF files of the model (written once, then reused)."""
+    os.makedirs(directory, exist_ok=True)
+    files = {fmt: os.path.join(directory, f"llama_110m_{ggml}.gguf") for fmt, (ggml, _) in FORMATS.items()}
+    if not os.path.exists(files["fp32"]):
+        print(f"writing {files['fp32']}", file=sys.stderr, flush=True)
+        write_gguf(files["fp32"] + ".partial")
+        os.replace(files["fp32"] + ".partial", files["fp32"])
+    for fmt in ("q8_0", "q4_0"):
+        if not os.path.exists(files[fmt]):
+            subprocess.run([os.path.join(llama_bin, "llama-quantize"), files["fp32"], files[fmt] + ".partial",
+                            FORMATS[fmt][0]], check=True, capture_output=True)
+            os.replace(files[fmt] + ".partial", files[fmt])
+    return files
+
+
+def llama_cpp(llama_bin, model, threads, repetitions):
+    """(prefill 512 tok/s, decode tok/s) from llama-bench, each the mean of its repetitions."""
+    run = subprocess.run([os.path.join(llama_bin, "llama-bench"), "-m", model, "-t", str(threads), "-p", "512",
+                          "-n", "128", "-fa", "0", "-r", str(repetitions), "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    rows = json.loads(run.stdout)
+    prefill = next(r["avg_ts"] for r in rows if r["n_prompt"] == 512 and r["n_gen"] == 0)
+    decode = next(r["avg_ts"] for r in rows if r["n_prompt"] == 0 and r["n_gen"] == 128)
+    return prefill, decode
+
+
+def ctformer(bench, fmt, threads):
+    """(prefill 512 tok/s, decode tok/s at context 128) from bench_decode's LLaMA rows."""
+    tag = FORMATS[fmt][1]
+    pattern = (f"bm_(prefill<llama_110m, {tag}>/threads:{threads}/|"
+               f"decode<llama_110m, {tag}>/long_context:0/threads:{threads}/)")
+    run = subprocess.run([bench, "--benchmark_format=json", f"--benchmark_filter={pattern}"],
+                         capture_output=True, text=True, check=True)
+    # bench_decode prints its measured bandwidth before the JSON.
+    rows = json.loads(run.stdout[run.stdout.index("{"):])["benchmarks"]
+    prefill = next(r["tok/s"] for r in rows if r["name"].startswith("bm_prefill"))
+    decode = next(r["tok/s"] for r in rows if r["name"].startswith("bm_decode"))
+    return prefill, decode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--llama-cpp", required=True, help="directory holding llama-bench and llama-quantize")
+    parser.add_argument("--bench", default="build/bench/bench_decode")
+    parser.add_argument("--models", default="/tmp/ctformer_llama_cpp_models", help="where the GGUF files go")
+    parser.add_argument("--formats", default="fp32,q8_0,q4_0")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell (the median is printed)")
+    parser.add_argument("--repetitions", type=int, default=3, help="llama-bench -r")
+    args = parser.parse_args()
+    files = model_files(args.llama_cpp, args.models)
+    print(f"{'weights':7} {'thr':>3} | {'prefill 512 tok/s: llama.cpp':>28} {'ctformer':>9} {'ratio':>6} |"
+          f" {'decode tok/s: llama.cpp':>23} {'ctformer':>9} {'ratio':>6}", flush=True)
+    for fmt in args.formats.split(","):
+        for threads in (int(t) for t in args.threads.split(",")):
+            theirs, ours = [], []
+            for _ in range(args.rounds):
+                theirs.append(llama_cpp(args.llama_cpp, files[fmt], threads, args.repetitions))
+                ours.append(ctformer(args.bench, fmt, threads))
+            lp, ld = (statistics.median(x[i] for x in theirs) for i in (0, 1))
+            cp, cd = (statistics.median(x[i] for x in ours) for i in (0, 1))
+            print(f"{fmt:7} {threads:3d} | {lp:28.1f} {cp:9.1f} {cp / lp:6.2f} | {ld:23.1f} {cd:9.1f} {cd / ld:6.2f}",
+                  flush=True)
+            rounds = "; ".join(f"{t[0]:.0f}/{o[0]:.0f}, {t[1]:.0f}/{o[1]:.0f}" for t, o in zip(theirs, ours))
+            print(f"{'':11} rounds (prefill llama.cpp/ctformer, decode llama.cpp/ctformer): {rounds}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
