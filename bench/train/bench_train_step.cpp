@@ -1,6 +1,7 @@
 // Training-step throughput (forward + backward + AdamW) in tokens/s for the
 // nanoGPT CPU configuration, llm.c's 6-layer shape and the GPT-2 small shape,
-// fp32 and bf16, 1 and 2 threads, with the share of the step spent in GEMM. tools/compare_training_speed.py
+// fp32 and bf16, 1 and 2 threads, with the share of the step spent in GEMM
+// and the step's GFLOP/s beside the FMA peak. tools/compare_training_speed.py
 // runs PyTorch eager on the same configurations in the same session and
 // prints the ratio. Peers on this kind of machine (../shared/PEERS.md): llm.c
 // manages 170 tok/s (6 layers, 384 wide, 4 x 256) and 43 tok/s (GPT-2 small,
@@ -14,6 +15,7 @@
 #include "ctformer/nn/nn.hpp"
 #include "ctformer/train/optimizer.hpp"
 #include "ctformer/train/precision.hpp"
+#include "../common/fma_peak.hpp"
 
 using namespace ctformer;
 
@@ -74,6 +76,18 @@ void train_step(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(double(b * t), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["gemm_share"] = total_seconds > 0 ? ops::gemm_profile_seconds / total_seconds : 0.0;
   state.counters["params_M"] = double(model.parameter_count()) / 1e6;
+  // The step's matrix products, as the model FLOPs of its forward times 3
+  // (backward is two products per forward one): 2 flops per matrix weight and
+  // token (the LM head included; a tied head is the embedding table), plus
+  // causal attention's QK^T and PV, 2 x 2 x d_model flops per (query, key <=
+  // query) pair and layer.
+  double matrix_weights = nn::config_traits<Cfg>::tie_embeddings ? double(Cfg::vocab) * Cfg::d_model : 0.0;
+  for (const auto& p : model.parameter_table())
+    if (p.kind == nn::parameter_kind::matrix) matrix_weights += double(p.size());
+  const double pairs = double(t) * double(t + 1) / 2.0;
+  const double step_flops = 3.0 * (2.0 * matrix_weights * double(b * t) + double(b) * Cfg::n_layer * 4.0 * pairs * Cfg::d_model);
+  state.counters["GFLOP/s"] = benchmark::Counter(step_flops / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_GFLOP/s"] = bench::fma_peak_once(threads);
 }
 
 }  // namespace
@@ -83,6 +97,6 @@ BENCHMARK_TEMPLATE(train_step, nanogpt_cpu, train::bf16_mixed)->Arg(1)->Arg(2)->
 BENCHMARK_TEMPLATE(train_step, llmc_6_layer, train::fp32)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
 BENCHMARK_TEMPLATE(train_step, gpt2_small_context_64, train::fp32)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
 BENCHMARK_TEMPLATE(train_step, gpt2_small, train::fp32)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
-BENCHMARK_TEMPLATE(train_step, gpt2_small, train::bf16_mixed)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
+BENCHMARK_TEMPLATE(train_step, gpt2_small, train::bf16_mixed)->Arg(1)->Arg(2)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(2);
 
 BENCHMARK_MAIN();
