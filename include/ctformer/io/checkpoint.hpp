@@ -31,11 +31,11 @@ inline constexpr std::string_view checkpoint_format = "ctformer.checkpoint.v1";
 /// config_json and vocabulary are what load expects to find.
 struct checkpoint_state {
   std::span<const nn::parameter_info> parameter_table;  ///< every parameter tensor, by name
-  tensor_view<float, 1> parameters;               // (P) the flat fp32 master weights
-  std::vector<named_tensor> optimizer_state;      ///< saved as "optimizer.<name>", each (n)
-  std::int64_t step = 0;                          ///< training steps done
-  std::int64_t optimizer_step = 0;                ///< the optimizer's own counter (bias correction)
-  std::mt19937_64 rng;                            ///< the data sampler's generator
+  tensor_view<float, 1> parameters;                     // (P) the flat fp32 master weights
+  std::vector<named_tensor> optimizer_state;            ///< saved as "optimizer.<name>", each (n)
+  std::int64_t step = 0;                                ///< training steps done
+  std::int64_t optimizer_step = 0;                      ///< the optimizer's own counter (bias correction)
+  std::mt19937_64 rng;                                  ///< the data sampler's generator
   std::string config_json;  ///< the model configuration; compared as JSON (spacing and key order do not matter)
   std::string vocabulary;   ///< the tokenizer serialised (io::*_tokenizer::serialize); compared byte for byte
 };
