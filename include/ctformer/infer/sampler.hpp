@@ -89,22 +89,13 @@ class sampler {
     if (vocab == 0) throw invalid_input("ctformer::infer::sampler: empty logits row");
     work_.assign(logits.begin(), logits.end());
     apply_repetition_penalty(history);
-    // One pass rejects NaN and +inf and finds the most likely token (ties:
-    // the smallest id). Each pass over a 32000-token row costs tens of
+    // One vectorised pass rejects NaN and +inf and finds the most likely
+    // token (ties: the smallest id). Each pass over a 32000-token row costs
     // microseconds, so the sampler makes as few as its filters need.
-    constexpr float infinity = std::numeric_limits<float>::infinity();
-    std::size_t best = 0;
-    float best_logit = -infinity, lowest_logit = infinity;  // lowest: of the finite ones
-    bool invalid = false;
-    for (std::size_t i = 0; i < vocab; ++i) {
-      const float v = work_[i];
-      invalid |= !(v < infinity);  // NaN or +inf
-      if (v > best_logit) {
-        best_logit = v;
-        best = i;
-      }
-      if (v < lowest_logit && v > -infinity) lowest_logit = v;
-    }
+    const logits_scan scan = ops::scan_logits(cpu::par.with_threads(1), tensor_view<const float, 1>(work_.data(), {index_t(vocab)}));
+    const std::size_t best = std::size_t(scan.argmax);
+    const float best_logit = scan.max, lowest_logit = scan.lowest_finite;
+    const bool invalid = scan.nan_or_positive_infinity;
     if (invalid) throw invalid_input("ctformer::infer::sampler: NaN or +inf in the logits row");
 
     // A temperature so small that 1 / T overflows is the greedy limit.

@@ -1,8 +1,9 @@
 // ops::softmax_forward / softmax_backward over the last dimension, with an
-// optional causal mask (the attention-score form).
+// optional causal mask (the attention-score form), and ops::scan_logits.
 #pragma once
 
 #include "ctformer/core/error.hpp"
+#include "ctformer/core/logits_scan.hpp"
 #include "ctformer/core/softmax_mask.hpp"
 #include "ctformer/exec/execution_policy.hpp"
 #include "ctformer/ops/view_traits.hpp"
@@ -38,6 +39,18 @@ void softmax_backward(const P& exec, const Y& y, const DY& dy, const DX& dx, flo
     softmax_backward_impl(exec, as_const(y), as_const(dy), dx, scale);
   } else {
     static_assert(dependent_false<P, Y>, "ctformer: softmax_backward has no implementation for this execution policy and these number types");
+  }
+}
+
+/// The maximum of a logits row and its first index, the lowest finite
+/// logit, and whether any logit is NaN or +inf: what a sampler checks before
+/// it builds a distribution. x: (V), host memory (a sampler runs on the host).
+template <execution_policy P, view_of_rank<1> X>
+logits_scan scan_logits(const P& exec, const X& x) {
+  if constexpr (requires { scan_logits_impl(exec, as_const(x)); }) {
+    return scan_logits_impl(exec, as_const(x));
+  } else {
+    static_assert(dependent_false<P, X>, "ctformer: scan_logits has no implementation for this execution policy and these number types");
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <set>
 #include <vector>
@@ -245,4 +246,81 @@ TEST_CASE("stop_criteria: max tokens, end tokens, stop sequences, stop strings",
   CHECK_FALSE(stop.find_stop_text("END then text", 4).has_value());  // before the window: seen earlier
   CHECK_THROWS_AS(infer::stop_criteria(0), invalid_input);
   CHECK_THROWS_AS(infer::stop_criteria(3, {}, {{}}), invalid_input);
+}
+
+namespace {
+/// The scalar scan the vectorised ops::scan_logits must agree with exactly.
+logits_scan scan_reference(const std::vector<float>& x) {
+  constexpr float infinity = std::numeric_limits<float>::infinity();
+  logits_scan r;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    r.nan_or_positive_infinity |= !(x[i] < infinity);
+    if (x[i] > r.max) {
+      r.max = x[i];
+      r.argmax = index_t(i);
+    }
+    if (x[i] < r.lowest_finite && x[i] > -infinity) r.lowest_finite = x[i];
+  }
+  return r;
+}
+logits_scan scan(const std::vector<float>& x) {
+  return ops::scan_logits(cpu::par, tensor_view<const float, 1>(x.data(), {index_t(x.size())}));
+}
+}  // namespace
+
+// Exact comparisons: the scan only compares and copies values, so it must
+// find the very same maximum, index and lowest value as a scalar pass.
+TEST_CASE("scan_logits finds what a scalar pass finds, at every length and position", "[infer][sampler]") {
+  constexpr float infinity = std::numeric_limits<float>::infinity();
+  for (const std::size_t n : {1u, 7u, 8u, 9u, 16u, 31u, 33u, 32000u}) {
+    CAPTURE(n);
+    std::vector<float> x = random_logits(n, 11u + std::uint32_t(n));
+    // The largest value at each position in turn, twice (ties go to the first).
+    for (const std::size_t at : {std::size_t(0), n / 2, n - 1}) {
+      CAPTURE(at);
+      std::vector<float> y = x;
+      y[at] = 10.0f;
+      if (at + 3 < n) y[at + 3] = 10.0f;
+      const logits_scan got = scan(y), want = scan_reference(y);
+      CHECK(got.argmax == index_t(at));
+      CHECK(got.argmax == want.argmax);
+      CHECK(got.max == want.max);
+      CHECK(got.lowest_finite == want.lowest_finite);
+      CHECK_FALSE(got.nan_or_positive_infinity);
+    }
+    // -inf is a masked token, not an error; it is not the lowest finite value.
+    std::vector<float> masked = x;
+    for (std::size_t i = 0; i < n; i += 3) masked[i] = -infinity;
+    const logits_scan got = scan(masked), want = scan_reference(masked);
+    CHECK(got.argmax == want.argmax);
+    CHECK(got.max == want.max);
+    CHECK(got.lowest_finite == want.lowest_finite);
+    CHECK_FALSE(got.nan_or_positive_infinity);
+    // NaN or +inf anywhere, in the vector body or the tail.
+    for (const float bad : {std::numeric_limits<float>::quiet_NaN(), infinity}) {
+      for (const std::size_t at : {std::size_t(0), n - 1}) {
+        std::vector<float> y = x;
+        y[at] = bad;
+        CHECK(scan(y).nan_or_positive_infinity);
+      }
+    }
+  }
+  // Every logit -inf: index 0, max -inf, no finite value.
+  const std::vector<float> all_masked(20, -infinity);
+  const logits_scan got = scan(all_masked);
+  CHECK(got.argmax == 0);
+  CHECK(got.max == -infinity);
+  CHECK(got.lowest_finite == infinity);
+  CHECK_FALSE(got.nan_or_positive_infinity);
+}
+
+TEST_CASE("scan_logits reads a strided row", "[infer][sampler]") {
+  std::vector<float> storage = random_logits(64, 5u);
+  storage[2 * 17] = 9.0f;  // element 17 of the every-other view
+  storage[2 * 17 + 1] = 50.0f;  // not in the view
+  const logits_scan got =
+      ops::scan_logits(cpu::par, tensor_view<const float, 1>(storage.data(), {index_t(32)}, {index_t(2)}));
+  CHECK(got.argmax == 17);
+  CHECK(got.max == 9.0f);
+  CHECK_FALSE(got.nan_or_positive_infinity);
 }

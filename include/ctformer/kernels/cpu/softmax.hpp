@@ -1,11 +1,13 @@
 // CPU kernels for softmax over the last dimension (optionally causal) and its
 // backward. Each row is read from memory once and written once (the max and
 // normalise passes revisit it in L1); exp is the vector approximation of
-// detail/vector_math.hpp.
+// detail/vector_math.hpp. Also the scan of a logits row that sampling starts with.
 #pragma once
 
 #include <cmath>
+#include <limits>
 
+#include "ctformer/core/logits_scan.hpp"
 #include "ctformer/core/softmax_mask.hpp"
 #include "ctformer/kernels/cpu/detail/vector_math.hpp"
 #include "ctformer/kernels/cpu/norm.hpp"
@@ -71,6 +73,78 @@ inline void softmax_backward_impl(const par_t& exec, tensor_view<const float, 3>
       detail::store_n(dxr + j, vscale * detail::load_n(yr + j, k) * (detail::load_n(dyr + j, k) - dot), k);
     });
   }, detail::min_rows_for_parallel(tk));
+}
+
+/// One pass over a logits row for its maximum, its lowest finite value and
+/// any NaN or +inf, then a search for the first index of the maximum (ties:
+/// the smallest index, as a scalar scan would find). Eight lanes at a time:
+/// a scalar pass over a 32000-token vocabulary cost about 1% of a decode step.
+inline logits_scan scan_logits_impl(const par_t&, tensor_view<const float, 1> logits) {
+  constexpr float infinity = std::numeric_limits<float>::infinity();
+  const index_t n = logits.extent(0);
+  if (n > 0 && logits.stride(0) != 1) {
+    logits_scan r;
+    for (index_t i = 0; i < n; ++i) {
+      const float v = logits(i);
+      r.nan_or_positive_infinity |= !(v < infinity);
+      if (v > r.max) {
+        r.max = v;
+        r.argmax = i;
+      }
+      if (v < r.lowest_finite && v > -infinity) r.lowest_finite = v;
+    }
+    return r;
+  }
+  const float* x = logits.data();
+  logits_scan r;
+  index_t i = 0;
+#if defined(__AVX2__)
+  if (n >= 8) {
+    const __m256 positive = _mm256_set1_ps(infinity), negative = _mm256_set1_ps(-infinity);
+    __m256 vmax = negative, vlow = positive, invalid = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      // maxps/minps return the second operand when either is NaN: a NaN in v
+      // leaves the running values alone (the NaN is caught by `invalid`).
+      vmax = _mm256_max_ps(v, vmax);
+      vlow = _mm256_min_ps(_mm256_blendv_ps(positive, v, _mm256_cmp_ps(v, negative, _CMP_GT_OQ)), vlow);
+      invalid = _mm256_or_ps(invalid, _mm256_cmp_ps(v, positive, _CMP_NLT_UQ));  // NaN or +inf
+    }
+    alignas(32) float lanes_max[8], lanes_low[8];
+    _mm256_store_ps(lanes_max, vmax);
+    _mm256_store_ps(lanes_low, vlow);
+    for (int lane = 0; lane < 8; ++lane) {
+      r.max = lanes_max[lane] > r.max ? lanes_max[lane] : r.max;
+      r.lowest_finite = lanes_low[lane] < r.lowest_finite ? lanes_low[lane] : r.lowest_finite;
+    }
+    r.nan_or_positive_infinity = _mm256_movemask_ps(invalid) != 0;
+  }
+#endif
+  for (; i < n; ++i) {
+    const float v = x[i];
+    r.nan_or_positive_infinity |= !(v < infinity);
+    if (v > r.max) r.max = v;
+    if (v < r.lowest_finite && v > -infinity) r.lowest_finite = v;
+  }
+  if (r.nan_or_positive_infinity) return r;
+  // The first index holding the maximum (every value is <= max: no NaN).
+  index_t j = 0;
+#if defined(__AVX2__)
+  const __m256 target = _mm256_set1_ps(r.max);
+  for (; j + 8 <= n; j += 8) {
+    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), target, _CMP_EQ_OQ));
+    if (hits != 0) {
+      r.argmax = j + __builtin_ctz(unsigned(hits));
+      return r;
+    }
+  }
+#endif
+  for (; j < n; ++j)
+    if (x[j] == r.max) {
+      r.argmax = j;
+      return r;
+    }
+  return r;  // n == 0
 }
 
 }  // namespace ctformer::cpu
