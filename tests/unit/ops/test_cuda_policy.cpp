@@ -236,7 +236,13 @@ constexpr bool has_cuda_cached_attention =
     requires(tensor_view<const float, 3> q, const kv_view<const E>& kv, tensor_view<float, 3> out) {
       cached_attention_impl(ctformer::cuda::par, q, kv, out, index_t(0), 1.0f);
     };
+// The sampler's scan of a logits row runs on the host by design (the row is
+// copied there to be sampled), so it has a CPU kernel only.
+template <class T>
+constexpr bool has_cuda_scan_logits = requires(tensor_view<const T, 1> x) { scan_logits_impl(ctformer::cuda::par, x); };
 TEST_CASE("packed-weight GEMV / GEMM and cached attention have no CUDA kernel yet", "[cuda][policy][cpu_only]") {
+  STATIC_REQUIRE_FALSE(has_cuda_scan_logits<float>);
+  STATIC_REQUIRE(requires(tensor_view<const float, 1> x) { scan_logits_impl(cpu::par, x); });
   STATIC_REQUIRE_FALSE(has_cuda_quantized_gemv<quant::packed_matrix<quant::q8_0>>);
   STATIC_REQUIRE_FALSE(has_cuda_quantized_gemv<quant::interleaved_matrix<quant::q4_0>>);
   STATIC_REQUIRE_FALSE(has_cuda_quantized_gemm<quant::packed_matrix<quant::q4_0>>);

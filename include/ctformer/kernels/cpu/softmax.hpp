@@ -82,24 +82,17 @@ inline void softmax_backward_impl(const par_t& exec, tensor_view<const float, 3>
 inline logits_scan scan_logits_impl(const par_t&, tensor_view<const float, 1> logits) {
   constexpr float infinity = std::numeric_limits<float>::infinity();
   const index_t n = logits.extent(0);
-  if (n > 0 && logits.stride(0) != 1) {
-    logits_scan r;
-    for (index_t i = 0; i < n; ++i) {
-      const float v = logits(i);
-      r.nan_or_positive_infinity |= !(v < infinity);
-      if (v > r.max) {
-        r.max = v;
-        r.argmax = i;
-      }
-      if (v < r.lowest_finite && v > -infinity) r.lowest_finite = v;
-    }
-    return r;
-  }
-  const float* x = logits.data();
+  const bool contiguous = logits.stride(0) == 1;
   logits_scan r;
+  auto take = [&](float v) {
+    r.nan_or_positive_infinity |= !(v < infinity);
+    if (v > r.max) r.max = v;
+    if (v < r.lowest_finite && v > -infinity) r.lowest_finite = v;
+  };
   index_t i = 0;
 #if defined(__AVX2__)
-  if (n >= 8) {
+  if (contiguous && n >= 8) {
+    const float* x = logits.data();
     const __m256 positive = _mm256_set1_ps(infinity), negative = _mm256_set1_ps(-infinity);
     __m256 vmax = negative, vlow = positive, invalid = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) {
@@ -113,38 +106,38 @@ inline logits_scan scan_logits_impl(const par_t&, tensor_view<const float, 1> lo
     alignas(32) float lanes_max[8], lanes_low[8];
     _mm256_store_ps(lanes_max, vmax);
     _mm256_store_ps(lanes_low, vlow);
+    // A lane with no finite value holds +inf in lanes_low, so the lanes are
+    // reduced here rather than passed through take().
     for (int lane = 0; lane < 8; ++lane) {
-      r.max = lanes_max[lane] > r.max ? lanes_max[lane] : r.max;
-      r.lowest_finite = lanes_low[lane] < r.lowest_finite ? lanes_low[lane] : r.lowest_finite;
+      if (lanes_max[lane] > r.max) r.max = lanes_max[lane];
+      if (lanes_low[lane] < r.lowest_finite) r.lowest_finite = lanes_low[lane];
     }
     r.nan_or_positive_infinity = _mm256_movemask_ps(invalid) != 0;
   }
 #endif
-  for (; i < n; ++i) {
-    const float v = x[i];
-    r.nan_or_positive_infinity |= !(v < infinity);
-    if (v > r.max) r.max = v;
-    if (v < r.lowest_finite && v > -infinity) r.lowest_finite = v;
-  }
+  for (; i < n; ++i) take(logits(i));
   if (r.nan_or_positive_infinity) return r;
   // The first index holding the maximum (every value is <= max: no NaN).
   index_t j = 0;
 #if defined(__AVX2__)
-  const __m256 target = _mm256_set1_ps(r.max);
-  for (; j + 8 <= n; j += 8) {
-    const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), target, _CMP_EQ_OQ));
-    if (hits != 0) {
-      r.argmax = j + __builtin_ctz(unsigned(hits));
-      return r;
+  if (contiguous) {
+    const float* x = logits.data();
+    const __m256 target = _mm256_set1_ps(r.max);
+    for (; j + 8 <= n; j += 8) {
+      const int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + j), target, _CMP_EQ_OQ));
+      if (hits != 0) {
+        r.argmax = j + __builtin_ctz(unsigned(hits));
+        return r;
+      }
     }
   }
 #endif
   for (; j < n; ++j)
-    if (x[j] == r.max) {
+    if (logits(j) == r.max) {
       r.argmax = j;
       return r;
     }
-  return r;  // n == 0
+  return r;  // n == 0: argmax 0
 }
 
 }  // namespace ctformer::cpu
