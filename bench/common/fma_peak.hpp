@@ -7,6 +7,8 @@
 #include <chrono>
 #include <cstdint>
 
+#include "ctformer/kernels/cpu/parallel.hpp"
+
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #define CTFORMER_BENCH_HAS_FMA_PEAK 1
@@ -32,8 +34,7 @@ inline peak_vector peak_add(peak_vector a, peak_vector b) { return _mm256_add_ps
 /// can overlap (12 chains hide the 4-cycle latency of two FMA pipes): cores
 /// x FMA pipes x lanes x 2 flops x clock. Returns the flops of one run.
 inline double fma_peak_run(int threads, std::int64_t steps) {
-#pragma omp parallel num_threads(threads)
-  {
+  cpu::detail::parallel_team(cpu::par.with_threads(threads), threads, [steps](int, int) {
     peak_vector acc[12];
     for (int i = 0; i < 12; ++i) acc[i] = peak_set1(float(i));
     const peak_vector x = peak_set1(0.999999f), y = peak_set1(1e-7f);
@@ -45,7 +46,7 @@ inline double fma_peak_run(int threads, std::int64_t steps) {
     // touching memory inside it.
     for (int i = 1; i < 12; ++i) acc[0] = peak_add(acc[0], acc[i]);
     benchmark::DoNotOptimize(acc[0]);
-  }
+  });
   return double(threads) * double(steps) * 12.0 * peak_lanes * 2.0;
 }
 

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "ctformer/core/buffer.hpp"
+#include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::bench {
 
@@ -21,13 +22,22 @@ namespace ctformer::bench {
 inline double triad_gb_per_s(int threads) {
   const std::size_t n = std::size_t(64) << 20;
   buffer<float> a(n), b(n), c(n);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (std::size_t i = 0; i < n; ++i) a[i] = b[i] = c[i] = 1.0f;
+  // The same threads (the library's pool) as the kernels measured against it.
+  const cpu::par_t exec = cpu::par.with_threads(threads);
+  auto each_thread = [&](auto&& loop) {
+    cpu::detail::parallel_team(exec, threads, [&](int member, int team) {
+      loop(n * std::size_t(member) / std::size_t(team), n * std::size_t(member + 1) / std::size_t(team));
+    });
+  };
+  each_thread([&](std::size_t begin, std::size_t end) {
+    for (std::size_t i = begin; i < end; ++i) a[i] = b[i] = c[i] = 1.0f;
+  });
   double best = 0;
   for (int rep = 0; rep < 5; ++rep) {
     const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (std::size_t i = 0; i < n; ++i) a[i] = b[i] + 3.0f * c[i];
+    each_thread([&](std::size_t begin, std::size_t end) {
+      for (std::size_t i = begin; i < end; ++i) a[i] = b[i] + 3.0f * c[i];
+    });
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     best = std::max(best, 3.0 * 4.0 * double(n) / s / 1e9);
   }

@@ -47,10 +47,11 @@ void run(benchmark::State& state, const float* p) {
   const int threads = int(state.range(0));
   const std::size_t n = bytes / sizeof(float);
   for (auto _ : state) {
-    float total = 0;
-#pragma omp parallel for num_threads(threads) reduction(+ : total) schedule(static)
-    for (int t = 0; t < threads; ++t) total += read_stream(p + n * t / threads, n / threads);
-    benchmark::DoNotOptimize(total);
+    float partial[64] = {};
+    cpu::detail::parallel_team(cpu::par.with_threads(threads), threads, [&](int t, int team) {
+      partial[t] = read_stream(p + n * t / team, n / team);
+    });
+    benchmark::DoNotOptimize(partial);
   }
   state.counters["GB/s"] = benchmark::Counter(double(bytes) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["triad_GB/s"] = bandwidth[threads];

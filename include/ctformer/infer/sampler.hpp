@@ -82,11 +82,14 @@ class sampler {
 
   /// The next token. logits: (vocab); history: the tokens so far (prompt and
   /// generated, as HF does), read only for the repetition penalty.
-  /// Throws invalid_input for an empty row, a NaN logit, or a history token
-  /// outside [0, vocab).
+  /// Throws invalid_input for an empty row, a row longer than int32 token ids
+  /// can index, a NaN logit, or a history token outside [0, vocab).
   std::int32_t sample(std::span<const float> logits, std::span<const std::int32_t> history = {}) {
     const std::size_t vocab = logits.size();
     if (vocab == 0) throw invalid_input("ctformer::infer::sampler: empty logits row");
+    if (vocab > std::size_t(std::numeric_limits<std::int32_t>::max()))
+      throw invalid_input("ctformer::infer::sampler: a logits row of " + std::to_string(vocab) +
+                          " entries, more than int32 token ids can index");
     work_.assign(logits.begin(), logits.end());
     apply_repetition_penalty(history);
     // One vectorised pass rejects NaN and +inf and finds the most likely

@@ -166,16 +166,11 @@ void gemm_impl(const par_t& exec, tensor_view<const T, 2> a, tensor_view<const T
   if (k == 0 || alpha == 0.0f) return detail::gemm_scale_c(c, beta);
   if (detail::gemm_skinny_applies(a, b)) return detail::gemm_skinny(exec, a, b, c, alpha, beta);
   const int threads = detail::gemm_useful_threads(exec.thread_count(), m, n, k);
-#if defined(_OPENMP)
   if (threads > 1) {
     using kernel = typename detail::gemm_kernel_for<T>::type;
-#pragma omp parallel num_threads(threads)
-    {
-      // The region may get fewer threads than asked (nested inside another
-      // region, or a limit on the pool): split by what it really has.
-      const index_t team = omp_get_num_threads(), me = omp_get_thread_num();
+    detail::parallel_team(exec, threads, [&](int me, int team) {
       index_t grid_rows = 1, grid_cols = 1;
-      detail::gemm_thread_grid<kernel>(int(team), m, n, k, grid_rows, grid_cols);
+      detail::gemm_thread_grid<kernel>(team, m, n, k, grid_rows, grid_cols);
       index_t row_begin, row_end, col_begin, col_end;
       detail::gemm_split(m, grid_rows, me / grid_cols, kernel::mr, row_begin, row_end);
       detail::gemm_split(n, grid_cols, me % grid_cols, kernel::nr, col_begin, col_end);
@@ -184,10 +179,9 @@ void gemm_impl(const par_t& exec, tensor_view<const T, 2> a, tensor_view<const T
                              detail::gemm_slice<1>(detail::gemm_slice<0>(c, row_begin, row_end), col_begin, col_end),
                              alpha, beta);
       }
-    }
+    });
     return;
   }
-#endif
   detail::gemm_blocked(a, b, c, alpha, beta);
 }
 

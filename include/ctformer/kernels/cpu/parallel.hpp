@@ -1,5 +1,5 @@
-// parallel_for over the threads of a cpu::par_t: the one place CPU kernels
-// meet OpenMP.
+// parallel_for and its relatives over the threads of a cpu::par_t: the one
+// place CPU kernels start threads (a thread_pool per calling thread).
 #pragma once
 
 #include <algorithm>
@@ -10,25 +10,40 @@
 
 #include "ctformer/core/tensor_view.hpp"
 #include "ctformer/exec/cpu.hpp"
+#include "ctformer/kernels/cpu/thread_pool.hpp"
 
 namespace ctformer::cpu::detail {
+
+/// Calls body(member, team) once for every member in [0, team), team =
+/// min(wanted, the policy's threads), each on its own thread where the pool
+/// can: the primitive the loops below split work with. From inside another
+/// parallel call, every member runs on the calling thread.
+template <class Body>
+void parallel_team(const par_t& exec, int wanted, Body&& body) {
+  const int team = std::min(wanted, exec.thread_count());
+  if (team <= 1) {
+    body(0, 1);
+    return;
+  }
+  auto task = [&body](int member, int size) { body(member, size); };
+  thread_pool::of_this_thread().run(team, task);
+}
 
 /// Calls body(i) for i in [0, n), split statically over the policy's threads.
 /// Small loops (n < min_parallel) stay on the calling thread: waking the pool
 /// costs more than a few rows of work.
 template <class Body>
 void parallel_for(const par_t& exec, index_t n, Body&& body, index_t min_parallel = 2) {
-#if defined(_OPENMP)
   const int threads = exec.thread_count();
   if (threads > 1 && n >= min_parallel) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (index_t i = 0; i < n; ++i) body(i);
+    // Contiguous blocks, as OpenMP's schedule(static): neighbouring i share
+    // cache lines of their outputs.
+    parallel_team(exec, int(std::min<index_t>(threads, n)), [&](int member, int team) {
+      const index_t end = n * (member + 1) / team;
+      for (index_t i = n * member / team; i < end; ++i) body(i);
+    });
     return;
   }
-#else
-  (void)exec;
-  (void)min_parallel;
-#endif
   for (index_t i = 0; i < n; ++i) body(i);
 }
 
@@ -46,14 +61,15 @@ void parallel_for_shared(const par_t& exec, index_t n, index_t workers, Body&& b
     return;
   }
   std::atomic<index_t> next{0};
-  parallel_for(exec, workers, [&](index_t) {
+  parallel_team(exec, int(workers), [&](int, int) {
     for (index_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed))
       body(i);
-  }, 1);
+  });
 }
 
 /// About this many floats of work per thread before a loop is worth
-/// splitting (an OpenMP fork/join costs a few microseconds).
+/// splitting (waking the pool's workers costs about a microsecond, a few
+/// when they sleep).
 inline constexpr index_t parallel_grain = 1 << 15;
 
 /// The min_parallel for parallel_for over rows of `row_length` floats: rows
@@ -75,7 +91,7 @@ int parallel_ranges(const par_t& exec, index_t n, Body&& body, index_t min_paral
     body(0, index_t(0), n);
     return 1;
   }
-  parallel_for(exec, threads, [&](index_t t) { body(int(t), n * t / threads, n * (t + 1) / threads); }, 1);
+  parallel_team(exec, threads, [&](int member, int team) { body(member, n * member / team, n * (member + 1) / team); });
   return threads;
 }
 

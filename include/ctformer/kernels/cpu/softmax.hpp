@@ -115,7 +115,10 @@ inline logits_scan scan_logits_impl(const par_t&, tensor_view<const float, 1> lo
     r.nan_or_positive_infinity = _mm256_movemask_ps(invalid) != 0;
   }
 #endif
-  for (; i < n; ++i) take(logits(i));
+  // A pointer walk rather than logits(i): GCC then sees no index product
+  // that could overflow (it warned, -Waggressive-loop-optimizations).
+  const index_t stride = logits.stride(0);
+  for (const float* p = logits.data() + i * stride; i < n; ++i, p += stride) take(*p);
   if (r.nan_or_positive_infinity) return r;
   // The first index holding the maximum (every value is <= max: no NaN).
   index_t j = 0;

@@ -11,6 +11,7 @@
 #include "ctformer/exec/cpu.hpp"
 #include "ctformer/kernels/cpu/detail/gemm_microkernel.hpp"
 #include "ctformer/kernels/cpu/detail/gemm_pack.hpp"
+#include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::cpu::detail {
 
@@ -122,16 +123,10 @@ void gemm_skinny(const par_t& exec, tensor_view<const T, 2> a, tensor_view<const
   const index_t work = m * n * k;
   const int threads = int(std::min<index_t>({index_t(exec.thread_count()), chunks, std::max<index_t>(1, work / (1 << 16))}));
   if (threads <= 1) return columns(0, n);
-#if defined(_OPENMP)
-#pragma omp parallel num_threads(threads)
-  {
-    const index_t team = omp_get_num_threads(), me = omp_get_thread_num();
+  parallel_team(exec, threads, [&](int me, int team) {
     const index_t first = chunks * me / team, last = chunks * (me + 1) / team;
     if (first < last) columns(first * chunk, std::min(n, last * chunk));
-  }
-#else
-  columns(0, n);
-#endif
+  });
 }
 
 }  // namespace ctformer::cpu::detail
