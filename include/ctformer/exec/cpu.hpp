@@ -1,4 +1,4 @@
-// cpu::par: the CPU execution policy (OpenMP threads over host memory).
+// cpu::par: the CPU execution policy (host threads over host memory).
 #pragma once
 
 #include "ctformer/exec/execution_policy.hpp"
@@ -9,12 +9,14 @@
 
 namespace ctformer::cpu {
 
-/// Runs operations on the host with OpenMP threads. `cpu::par` uses every
-/// thread OpenMP offers; `cpu::par.with_threads(1)` pins the count.
+/// Runs operations on the host, on ctformer's thread pool
+/// (kernels/cpu/thread_pool.hpp). `cpu::par` uses as many threads as OpenMP
+/// would (OMP_NUM_THREADS, else every core); `cpu::par.with_threads(1)`
+/// pins the count.
 struct par_t {
   using memory_space = host_space;
 
-  int threads = 0;  ///< 0: OpenMP's default (all cores)
+  int threads = 0;  ///< 0: OpenMP's default count (OMP_NUM_THREADS, else all cores)
 
   constexpr par_t with_threads(int n) const { return par_t{n}; }
 
