@@ -25,8 +25,8 @@ inline double triad_gb_per_s(int threads) {
   // The same threads (the library's pool) as the kernels measured against it.
   const cpu::par_t exec = cpu::par.with_threads(threads);
   auto each_thread = [&](auto&& loop) {
-    cpu::detail::parallel_team(exec, threads, [&](int member, int team) {
-      loop(n * std::size_t(member) / std::size_t(team), n * std::size_t(member + 1) / std::size_t(team));
+    cpu::detail::parallel_ranges(exec, index_t(n), [&](int, index_t begin, index_t end) {
+      loop(std::size_t(begin), std::size_t(end));
     });
   };
   each_thread([&](std::size_t begin, std::size_t end) {

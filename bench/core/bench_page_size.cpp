@@ -48,8 +48,8 @@ void run(benchmark::State& state, const float* p) {
   const std::size_t n = bytes / sizeof(float);
   for (auto _ : state) {
     float partial[64] = {};
-    cpu::detail::parallel_team(cpu::par.with_threads(threads), threads, [&](int t, int team) {
-      partial[t] = read_stream(p + n * t / team, n / team);
+    cpu::detail::parallel_ranges(cpu::par.with_threads(threads), index_t(n), [&](int t, index_t begin, index_t end) {
+      partial[t] = read_stream(p + begin, std::size_t(end - begin));
     });
     benchmark::DoNotOptimize(partial);
   }
