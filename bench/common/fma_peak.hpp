@@ -10,7 +10,7 @@
 #include "ctformer/kernels/cpu/parallel.hpp"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
+#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
 #define CTFORMER_BENCH_HAS_FMA_PEAK 1
 
 namespace ctformer::bench {

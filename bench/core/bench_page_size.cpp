@@ -14,7 +14,7 @@
 #include "../common/memory_bandwidth.hpp"
 
 #if defined(__AVX2__)
-#include <immintrin.h>
+#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
 #endif
 
 using namespace ctformer;

@@ -27,23 +27,29 @@ namespace ctformer::infer {
 /// packed rows, except q4_0, whose rows are interleaved by 8 (the same bytes)
 /// so that decode and prefill run integer kernels eight rows at a time: its
 /// row-major GEMV was compute-bound (nibble unpacking), the interleaved one
-/// reaches the memory bound. q8_0 stays row-major: its decode is already
-/// near the bound and interleaving it measured no faster, in decode or in
-/// prefill beyond this machine's noise (its int8 GEMM needs a widening
-/// multiply-add per chunk: 92-100 GFLOP/s against about 86-90 for the fp32
-/// GEMM on Zen 3), and row-major it keeps exact fp32 activations in prefill.
-template <class Format>
+/// reaches the memory bound. q8_0 is interleaved where ops::interleave_q8_0
+/// says so (a build with VNNI: its int8 prefill GEMM is 1.5-2x the
+/// dequantize-then-fp32 path there); elsewhere it stays row-major, where its
+/// decode is as fast and its prefill keeps exact fp32 activations (its int8
+/// GEMM needs a widening multiply-add per chunk without VNNI: 92-100 GOP/s
+/// against about 86-90 GFLOP/s for the fp32 GEMM on Zen 3).
+template <class Format, class Exec>
 struct inference_weights {
   using type = quant::packed_matrix<Format>;
 };
-template <>
-struct inference_weights<quant::q4_0> {
+template <class Exec>
+struct inference_weights<quant::q4_0, Exec> {
   using type = quant::interleaved_matrix<quant::q4_0>;
+};
+template <class Exec>
+struct inference_weights<quant::q8_0, Exec> {
+  using type = std::conditional_t<ops::interleave_q8_0<Exec>, quant::interleaved_matrix<quant::q8_0>,
+                                  quant::packed_matrix<quant::q8_0>>;
 };
 
 /// A decoder-only Transformer prepared for generation. Every linear layer
 /// (qkv, attention output, MLP up and down, and the LM head, tied or not) is
-/// packed in Format (in an inference_weights<Format> matrix); the token and
+/// packed in Format (in an inference_weights<Format, Exec> matrix); the token and
 /// position embeddings, norms and biases stay fp32. Activations live in
 /// scratch sized at construction for max_chunk tokens: prefill and decode
 /// allocate nothing.
@@ -78,13 +84,20 @@ class inference_model {
   static constexpr bool rotary = std::is_same_v<typename Cfg::position, nn::rope>;
   static constexpr bool layer_norm = std::is_same_v<typename Cfg::norm, nn::layer_norm>;
   /// The matrix type of every linear layer's weights.
-  using weight_matrix = typename inference_weights<Format>::type;
+  using weight_matrix = typename inference_weights<Format, Exec>::type;
   /// Whether prefill chunks run an integer GEMM rather than dequantizing to fp32.
   static constexpr bool integer_gemm = quant::is_interleaved_matrix<weight_matrix>;
 
+  /// Whether prefill chunks of bf16 weights round their activations to bf16
+  /// and run the native bf16 GEMM (AVX512_BF16: twice the fp32 rate), as
+  /// PyTorch's bf16 autocast does, rather than widening the weights to fp32.
+  /// Decode keeps fp32 activations either way.
+  static constexpr bool bf16_gemm = std::is_same_v<Format, quant::bf16_weights> && ops::gemm_bf16_native<Exec>;
+
   /// Chunks of at least this many tokens dequantize a row-major packed
-  /// matrix whole and use the fp32 GEMM; shorter ones use the packed-weight
-  /// GEMM (interleaved q4_0 always runs its int8 GEMM).
+  /// matrix whole and use the fp32 GEMM (bf16 weights with bf16_gemm: round
+  /// the activations and use the bf16 GEMM); shorter ones use the
+  /// packed-weight GEMM (interleaved matrices always run their int8 GEMM).
   static constexpr index_t dequantize_min_tokens = 16;
 
   /// The default (and largest default) prefill chunk.
@@ -308,7 +321,9 @@ class inference_model {
     rstd_ = carve(t);
     logits_ = tensor_view<float, 1>(carve(vocab), {vocab});
     ids_ = buffer<std::int32_t>(std::size_t(2 * t), 0);
-    if constexpr (!std::is_same_v<Format, quant::fp32> && !integer_gemm) {
+    if constexpr (bf16_gemm) {
+      if (t >= dequantize_min_tokens) activation_bf16_ = buffer<bf16>(std::size_t(t * std::max(d_model, d_ff)));
+    } else if constexpr (!std::is_same_v<Format, quant::fp32> && !integer_gemm) {
       if (t >= dequantize_min_tokens)
         weight_scratch_ = buffer<float>(std::size_t(std::max({traits::qkv_width * d_model, d_model * d_model,
                                                               traits::up_width * d_model, d_model * d_ff})));
@@ -363,6 +378,16 @@ class inference_model {
       // beats the packed-weight GEMM's small 4 x 3 micro-kernel here.
       const tensor_view<const float, 2> weights(reinterpret_cast<const float*>(w.data()), {w.rows(), w.cols()});
       ops::gemm(exec_, x, weights.transposed(), y);
+    } else if constexpr (bf16_gemm) {
+      if (x.extent(0) >= dequantize_min_tokens) {
+        const index_t t = x.extent(0), in = x.extent(1);
+        const tensor_view<bf16, 2> rounded(activation_bf16_.data(), {t, in});
+        for (index_t i = 0; i < t; ++i) ops::convert(exec_, x[i], rounded[i]);
+        const tensor_view<const bf16, 2> weights(reinterpret_cast<const bf16*>(w.data()), {w.rows(), w.cols()});
+        ops::gemm(exec_, as_const(rounded), weights.transposed(), y);
+      } else {
+        ops::quantized_gemm(exec_, w, x, y);
+      }
     } else if constexpr (integer_gemm) {
       // Interleaved q4_0: the int8 GEMM (tokens rounded to int8 blocks as at
       // decode) beats dequantizing to fp32 at every chunk length.
@@ -475,6 +500,7 @@ class inference_model {
   tensor_view<float, 1> logits_;  // (V)
   buffer<std::int32_t> ids_;      // token ids, then positions: (2 * max_chunk)
   buffer<float> weight_scratch_;  // one block linear dequantized, for long chunks (packed formats only)
+  buffer<bf16> activation_bf16_;  // a long chunk's activations rounded to bf16 (bf16_gemm only)
 };
 
 }  // namespace ctformer::infer

@@ -71,6 +71,18 @@ void gemm_batched(const P& exec, const A& a, const B& b, const C& c, float alpha
   }
 }
 
+/// True when gemm on policy P multiplies bf16 inputs natively, at a higher
+/// rate than fp32 (on the CPU: a build with AVX512_BF16); false where bf16
+/// inputs are widened to fp32, so that rounding operands to bf16 only loses
+/// precision. Lets a caller choose bf16 operands at compile time.
+template <execution_policy P>
+inline constexpr bool gemm_bf16_native = [] {
+  if constexpr (requires { gemm_bf16_native_impl(static_cast<const P*>(nullptr)); })
+    return gemm_bf16_native_impl(static_cast<const P*>(nullptr));
+  else
+    return false;
+}();
+
 /// gemm on views with compile-time extents: a shape mismatch is a compile
 /// error naming the rule, not a run-time shape_error.
 /// a: (M, K), b: (K, N), c: (M, N), all row-major.

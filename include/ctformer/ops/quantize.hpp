@@ -106,4 +106,16 @@ void quantized_gemm(const P& exec, const W& w, const X& x, const Y& y) {
   }
 }
 
+/// True when q8_0 weights run faster on policy P in a
+/// quant::interleaved_matrix (8 rows interleaved, an int8 GEMM for prefill)
+/// than in a row-major packed_matrix: on the CPU, a build with VNNI. Lets an
+/// engine choose its weight layout at compile time.
+template <execution_policy P>
+inline constexpr bool interleave_q8_0 = [] {
+  if constexpr (requires { interleave_q8_0_impl(static_cast<const P*>(nullptr)); })
+    return interleave_q8_0_impl(static_cast<const P*>(nullptr));
+  else
+    return false;
+}();
+
 }  // namespace ctformer::ops

@@ -1,6 +1,6 @@
 // CPU GEMM: c = alpha * a b + beta * c for fp32 and bf16 inputs (fp32
 // accumulation), packed and cache-blocked in the GotoBLAS / BLIS way, on the
-// OpenMP threads of a cpu::par_t. The micro-kernels, packing and the path for
+// threads of a cpu::par_t. The micro-kernels, packing and the path for
 // a few rows live in detail/gemm_*.hpp; docs/performance.md has the figures.
 #pragma once
 
@@ -17,6 +17,14 @@ namespace ctformer::cpu {
 
 template <class T>
 concept gemm_input = std::is_same_v<T, float> || std::is_same_v<T, bf16>;
+
+/// Whether this build multiplies bf16 inputs natively (AVX512_BF16's
+/// vdpbf16ps, twice the fp32 rate) rather than widening them to fp32 while
+/// packing: only then does rounding fp32 operands to bf16 buy speed. Behind
+/// ops::gemm_bf16_native; a pointer, so the question needs no policy object.
+constexpr bool gemm_bf16_native_impl(const par_t*) {
+  return !std::is_same_v<detail::gemm_kernel_for<bf16>::type, detail::gemm_kernel_f32>;
+}
 
 namespace detail {
 

@@ -18,7 +18,7 @@
 #include <vector>
 
 #if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
-#include <immintrin.h>
+#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
 #endif
 
 #include "ctformer/core/number_types.hpp"

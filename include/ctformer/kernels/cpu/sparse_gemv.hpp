@@ -21,7 +21,7 @@
 #include <cstring>
 
 #if defined(__AVX2__)
-#include <immintrin.h>
+#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
 #endif
 
 #include "ctformer/kernels/cpu/parallel.hpp"

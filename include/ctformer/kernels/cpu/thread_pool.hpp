@@ -13,7 +13,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64) || defined(__i386__)
-#include <immintrin.h>
+#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
 #endif
 
 namespace ctformer::cpu::detail {

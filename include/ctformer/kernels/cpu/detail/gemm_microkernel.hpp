@@ -9,7 +9,7 @@
 #include "ctformer/core/tensor_view.hpp"
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
+#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
 #endif
 
 // CTFORMER_GEMM_UNROLL(n): unroll the next loop n times (g++ and clang).

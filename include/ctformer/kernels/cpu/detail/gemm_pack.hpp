@@ -13,7 +13,7 @@
 #include "ctformer/kernels/cpu/detail/gemm_microkernel.hpp"
 
 #if defined(__AVX2__)
-#include <immintrin.h>
+#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
 #endif
 
 namespace ctformer::cpu::detail {

@@ -20,7 +20,7 @@
 #include <limits>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)) || defined(__F16C__)
-#include <immintrin.h>
+#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
 #endif
 
 #if defined(__AVX512F__)
