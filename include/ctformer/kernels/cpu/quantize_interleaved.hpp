@@ -205,6 +205,58 @@ void group_dot_tokens(const quant::interleaved_matrix<Format>& w, index_t g, con
   for (int t = 0; t < n; ++t) group_dot(w, g, *a[t], out[t]);
 }
 
+#if defined(CTFORMER_INTERLEAVED_VNNI)
+/// out[t][0..16) = groups g and g + 1 (16 rows) dotted with tokens a[0..4):
+/// each activation broadcast feeds one vpdpbusd per group. With VNNI the
+/// single-group tile spends a load on a broadcast for every multiply-add and
+/// its four sums form dependent chains of vpdpbusd; here it is one load per
+/// two, over eight independent sums. Each row's arithmetic is
+/// group_dot_tokens' (the same bits).
+template <class Format>
+void group_pair_dot_tokens(const quant::interleaved_matrix<Format>& w, index_t g, const q8_activations* const* a,
+                           float (*out)[16]) {
+  using matrix = quant::interleaved_matrix<Format>;
+  __m256 acc[2][4];
+  for (auto& group : acc)
+    for (auto& v : group) v = _mm256_setzero_ps();
+  const std::byte* gb0 = w.group_block(g, 0);
+  const std::byte* gb1 = w.group_block(g + 1, 0);
+  for (index_t b = 0; b < a[0]->blocks; ++b, gb0 += matrix::group_block_bytes, gb1 += matrix::group_block_bytes) {
+    const std::int8_t* x[4] = {a[0]->q.data() + b * qk, a[1]->q.data() + b * qk, a[2]->q.data() + b * qk,
+                               a[3]->q.data() + b * qk};
+    const auto* quants0 = reinterpret_cast<const std::uint8_t*>(gb0 + matrix::scale_bytes);
+    const auto* quants1 = reinterpret_cast<const std::uint8_t*>(gb1 + matrix::scale_bytes);
+    __m256i s[2][4];
+    for (auto& group : s)
+      for (auto& v : group) v = _mm256_setzero_si256();
+#pragma GCC unroll 1
+    for (int c = 0; c < 8; c += 2) {
+      const __m256i q00 = chunk<Format>(quants0, c), q01 = chunk<Format>(quants0, c + 1);
+      const __m256i q10 = chunk<Format>(quants1, c), q11 = chunk<Format>(quants1, c + 1);
+#pragma GCC unroll 4
+      for (int t = 0; t < 4; ++t) {
+        const __m256i x0 = x4_of(x[t], c), x1 = x4_of(x[t], c + 1);
+        s[0][t] = add_chunk<Format>(add_chunk<Format>(s[0][t], q00, x0), q01, x1);
+        s[1][t] = add_chunk<Format>(add_chunk<Format>(s[1][t], q10, x0), q11, x1);
+      }
+    }
+    const __m256 scales[2] = {group_scales(gb0), group_scales(gb1)};
+#pragma GCC unroll 4
+    for (int t = 0; t < 4; ++t) {
+      const std::int32_t xsum = a[t]->sum[std::size_t(b)];
+      const __m256 d = _mm256_set1_ps(a[t]->d[std::size_t(b)]);
+      for (int h = 0; h < 2; ++h)
+        acc[h][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(finish_block<Format>(s[h][t], xsum)),
+                                    _mm256_mul_ps(scales[h], d), acc[h][t]);
+    }
+  }
+  for (int t = 0; t < 4; ++t) {
+    _mm256_storeu_ps(out[t], acc[0][t]);
+    _mm256_storeu_ps(out[t] + 8, acc[1][t]);
+  }
+}
+#endif
+
 /// Group g's 8 rows of fp32 weights: row r to out + r * out_stride.
 template <class Format>
 void dequantize_group(const quant::interleaved_matrix<Format>& w, index_t g, float* out, index_t out_stride) {
@@ -347,7 +399,17 @@ void quantized_gemm_impl(const par_t& exec, const quant::interleaved_matrix<Form
       const int n = int(std::min(detail::interleaved_gemm_tokens, tokens - t0));
       const detail::q8_activations* a[detail::interleaved_gemm_tokens];
       for (int t = 0; t < n; ++t) a[t] = &acts[std::size_t(t0 + t)];
-      for (index_t g = g0; g < g1; ++g) {
+      index_t g = g0;
+#if defined(CTFORMER_INTERLEAVED_VNNI)
+      if (n == detail::interleaved_gemm_tokens) {
+        for (; g + 2 <= g1; g += 2) {
+          float out[detail::interleaved_gemm_tokens][2 * group_rows];
+          detail::group_pair_dot_tokens(w, g, a, out);
+          for (int t = 0; t < n; ++t) std::copy(out[t], out[t] + 2 * group_rows, &y(t0 + t, g * group_rows));
+        }
+      }
+#endif
+      for (; g < g1; ++g) {
         float out[detail::interleaved_gemm_tokens][group_rows];
         detail::group_dot_tokens(w, g, a, n, out);
         for (int t = 0; t < n; ++t) std::copy(out[t], out[t] + group_rows, &y(t0 + t, g * group_rows));
