@@ -293,10 +293,12 @@ TEST_CASE("cached attention takes head dimensions past 512", "[infer][kv_cache][
 
 TEST_CASE("a bf16 cache gives the values' exact attention at every head dimension the kernel splits differently",
           "[infer][kv_cache][attention]") {
-  // bf16 rows with head_dim a multiple of 16 are widened as even/odd pairs
-  // (accumulator chunks of 16, 32, 48 and 64 elements); other head dims take
-  // the 8-wide path. The reference reads the cache's own bf16 values back, so
-  // only the kernel's fp32 arithmetic differs from it. GQA (4 query heads on
+  // bf16 rows with head_dim a multiple of 16 (AVX2; 32 with AVX512_BF16) are
+  // read as even/odd pairs (accumulator chunks of 16, 32, 48 and 64
+  // elements); other head dims take the 8-wide path. The reference reads the
+  // cache's own bf16 values back, and the query rounded to bf16 where the
+  // kernel rounds it (cpu::bf16_cache_rounds_query), so only the kernel's fp32
+  // arithmetic differs from it. GQA (4 query heads on
   // 2 kv heads), 300 keys: a decode step splits into two 256-key parts, and
   // every tile ends part-full somewhere.
   constexpr index_t n = 300, q_heads = 4, kv = 2;
@@ -316,6 +318,7 @@ TEST_CASE("a bf16 cache gives the values' exact attention at every head dimensio
       ops::cached_attention(cpu::par.with_threads(2), tensor_view<const float, 3>(q.data(), {t_len, q_heads, d}),
                             cache.view(0, s), tensor_view<float, 3>(out.data(), {t_len, q_heads, d}), n - t_len,
                             scale);
+      const bool rounded = cpu::bf16_cache_rounds_query(d);
       double worst = 0;
       for (index_t t = 0; t < t_len; ++t)
         for (index_t h = 0; h < q_heads; ++h) {
@@ -324,8 +327,10 @@ TEST_CASE("a bf16 cache gives the values' exact attention at every head dimensio
           double m = -1e300, z = 0;
           for (index_t j = 0; j < keys; ++j) {
             double dot = 0;
-            for (index_t e = 0; e < d; ++e)
-              dot += double(q[std::size_t((t * q_heads + h) * d + e)]) * cache.key(0, s, j, g, e);
+            for (index_t e = 0; e < d; ++e) {
+              const float qe = q[std::size_t((t * q_heads + h) * d + e)];
+              dot += double(rounded ? float(bf16(qe)) : qe) * cache.key(0, s, j, g, e);
+            }
             p[std::size_t(j)] = dot * scale;
             m = std::max(m, p[std::size_t(j)]);
           }

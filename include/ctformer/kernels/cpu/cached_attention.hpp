@@ -115,6 +115,86 @@ inline void accumulate_bf16_rows(const float* p, const bf16* const* rows, index_
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(CTFORMER_EXPERIMENT_OFF)
+#define CTFORMER_ATTENTION_AVX512_BF16 1
+/// AVX512_BF16 builds read a bf16 cache natively. Scores: the query is
+/// rounded to bf16 once (as llama.cpp rounds it to an F16 cache's type) and
+/// vdpbf16ps multiplies it with 32 key elements per instruction, in fp32
+/// (a product of two bf16 is exact in fp32), with no widening of the keys.
+/// Values: pairs as above, 32 elements per 64-byte load, the accumulator
+/// permuted in blocks of 32 (pair_permute_32); each value element still
+/// sums its positions in order with one fused multiply-add each.
+inline bool bf16_native(index_t d) { return d % 32 == 0; }
+
+inline void load_bf16_pairs_512(const bf16* p, __m512& even, __m512& odd) {
+  const __m512i x = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+
+/// The inverse of the accumulator's permutation in blocks of 32, in place:
+/// x[32 b + i] holds element 32 b + 2 i and x[32 b + 16 + i] element 32 b + 2 i + 1.
+inline void pair_unpermute_32(float* x, index_t d) {
+  float block[32];
+  for (index_t b = 0; b < d; b += 32) {
+    std::copy(x + b, x + b + 32, block);
+    for (index_t i = 0; i < 16; ++i) {
+      x[b + 2 * i] = block[i];
+      x[b + 2 * i + 1] = block[16 + i];
+    }
+  }
+}
+
+/// Scores of 8 bf16 keys against a bf16 query: out[r] = q . rows[r], d % 32 == 0.
+inline void dot_bf16_native_8(const bf16* q, const bf16* const* rows, index_t d, float* out) {
+  __m512 acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_ps();
+  for (index_t i = 0; i < d; i += 32) {
+    const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + i);
+    for (int r = 0; r < 8; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_loadu_si512(rows[r] + i));
+  }
+  // Each sum folded to 8 lanes, then the hadd tree of dot_bf16_pairs_8.
+  __m256 h[8];
+  for (int r = 0; r < 8; ++r)
+    h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                      _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+}
+
+/// acc[0, 32 B) += sum_j p[j] rows[j][offset, offset + 32 B), acc permuted in blocks of 32.
+template <int B>
+inline void accumulate_bf16_pairs_512(const float* p, const bf16* const* rows, index_t count, index_t offset,
+                                      float* acc) {
+  __m512 a[2 * B];
+  for (int v = 0; v < 2 * B; ++v) a[v] = _mm512_loadu_ps(acc + 16 * v);
+  for (index_t j = 0; j < count; ++j) {
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    for (int b = 0; b < B; ++b) {
+      __m512 even, odd;
+      load_bf16_pairs_512(rows[j] + offset + 32 * b, even, odd);
+      a[2 * b] = _mm512_fmadd_ps(pj, even, a[2 * b]);
+      a[2 * b + 1] = _mm512_fmadd_ps(pj, odd, a[2 * b + 1]);
+    }
+  }
+  for (int v = 0; v < 2 * B; ++v) _mm512_storeu_ps(acc + 16 * v, a[v]);
+}
+
+/// accumulate_rows for bf16 rows, the accumulator permuted in blocks of 32, d % 32 == 0.
+inline void accumulate_bf16_rows_512(const float* p, const bf16* const* rows, index_t count, index_t d, float* acc) {
+  index_t c = 0;
+  for (; c + 128 <= d; c += 128) accumulate_bf16_pairs_512<4>(p, rows, count, c, acc + c);
+  switch ((d - c) / 32) {
+    case 3: accumulate_bf16_pairs_512<3>(p, rows, count, c, acc + c); break;
+    case 2: accumulate_bf16_pairs_512<2>(p, rows, count, c, acc + c); break;
+    case 1: accumulate_bf16_pairs_512<1>(p, rows, count, c, acc + c); break;
+    default: break;
+  }
+}
+#endif
+
 /// Where a tile's positions live: the element offset of each position's
 /// key/value slot and (int8) the index of its first scale.
 struct tile_slots {
@@ -167,7 +247,9 @@ inline query_state make_query_state(const float* q, float* scratch, index_t head
 /// Whether a cache of element E and head dimension d reads bf16 rows as pairs.
 template <class E>
 bool reads_pairs(index_t d) {
-#if defined(CTFORMER_CPU_AVX2)
+#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+  return std::is_same_v<E, bf16> && bf16_native(d);
+#elif defined(CTFORMER_CPU_AVX2)
   return std::is_same_v<E, bf16> && bf16_pairs(d);
 #else
   (void)d;
@@ -184,7 +266,12 @@ void begin_query(query_state& st, index_t h0, index_t h1, index_t d) {
     st.sum[i] = 0.0f;
   }
   for (index_t i = 0; i < heads * d; ++i) st.acc[i] = 0.0f;
-#if defined(CTFORMER_CPU_AVX2)
+#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+  if (reads_pairs<E>(d)) {
+    bf16* rounded = reinterpret_cast<bf16*>(st.paired_q);
+    for (index_t i = 0; i < heads * d; ++i) rounded[i] = bf16(st.q[h0 * d + i]);
+  }
+#elif defined(CTFORMER_CPU_AVX2)
   if (reads_pairs<E>(d))
     for (index_t i = 0; i < heads; ++i) pair_permute(st.q + (h0 + i) * d, st.paired_q + i * d, d);
 #endif
@@ -193,7 +280,10 @@ void begin_query(query_state& st, index_t h0, index_t h1, index_t d) {
 /// Ends a query: a bf16 cache's accumulator back in element order.
 template <class E>
 void end_query(query_state& st, index_t heads, index_t d) {
-#if defined(CTFORMER_CPU_AVX2)
+#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+  if (reads_pairs<E>(d))
+    for (index_t i = 0; i < heads; ++i) pair_unpermute_32(st.acc + i * d, d);
+#elif defined(CTFORMER_CPU_AVX2)
   if (reads_pairs<E>(d))
     for (index_t i = 0; i < heads; ++i) pair_unpermute(st.acc + i * d, d);
 #else
@@ -258,24 +348,35 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
   constexpr bool may_pair = std::is_same_v<E, bf16>;
   const bool paired = reads_pairs<E>(d);
 #endif
-  // Scores, 8 keys at a time. For an int8 cache the values of those 8
+  // Scores, 8 keys at a time; a tile's last group of fewer than 8 repeats
+  // its last key in the missing rows and keeps only the real scores, so that
+  // every score comes from the same vector kernel (a key's score does not
+  // depend on its neighbours). For an int8 cache the values of those 8
   // positions are asked for meanwhile (the value pass reads them head by
   // head, and without the hint it measured 10-30% slower). fp32 and bf16
   // values are left to the hardware prefetchers: on huge pages (host_space)
   // they follow, and the hint's 24 instructions per position measured
-  // 5-20% slower (bench_cached_attention, Zen 3).
+  // 5-20% slower (bench_cached_attention, Zen 3; and again on Zen 4 for bf16).
   const index_t g0 = h0 / group, g1 = (h1 - 1) / group + 1;
   const index_t value_bytes = (g1 - g0) * d * index_t(sizeof(E));
-  index_t key = 0;
-  for (; key + 8 <= count; key += 8) {
+  // Scores of keys [key, key + 8) for every head; rows past `valid` repeat
+  // the last real key and their scores are dropped.
+  auto score_group = [&](index_t key, index_t valid) {
     if constexpr (quantized)
-      for (index_t r = 0; r < 8; ++r) prefetch_bytes(kv.v + slot[key + r] + g0 * d, value_bytes);
+      for (index_t r = 0; r < valid; ++r) prefetch_bytes(kv.v + slot[key + r] + g0 * d, value_bytes);
     for (index_t h = h0; h < h1; ++h) {
       const index_t g = h / group;
       const E* rows[8];
-      for (index_t r = 0; r < 8; ++r) rows[r] = kv.k + slot[key + r] + g * d;
+      for (index_t r = 0; r < 8; ++r) rows[r] = kv.k + slot[key + std::min(r, valid - 1)] + g * d;
       float dots[8];
-#if defined(CTFORMER_CPU_AVX2)
+#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+      if constexpr (may_pair) {
+        if (paired) dot_bf16_native_8(reinterpret_cast<const bf16*>(st.paired_q) + (h - h0) * d, rows, d, dots);
+        else dot_kv_8(q + h * d, rows, d, dots);
+      } else {
+        dot_kv_8(q + h * d, rows, d, dots);
+      }
+#elif defined(CTFORMER_CPU_AVX2)
       if constexpr (may_pair) {
         if (paired) dot_bf16_pairs_8(st.paired_q + (h - h0) * d, rows, d, dots);
         else dot_kv_8(q + h * d, rows, d, dots);
@@ -285,20 +386,16 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
 #else
       dot_kv_8(q + h * d, rows, d, dots);
 #endif
-      for (index_t r = 0; r < 8; ++r) {
+      for (index_t r = 0; r < valid; ++r) {
         float score = dots[r] * scale;
         if constexpr (quantized) score *= kv.k_scale[scale_slot[key + r] + g];
         scores[(h - h0) * tile + key + r] = score;
       }
     }
-  }
-  for (; key < count; ++key)
-    for (index_t h = h0; h < h1; ++h) {
-      const index_t g = h / group;
-      float score = dot_kv(q + h * d, kv.k + slot[key] + g * d, d) * scale;
-      if constexpr (quantized) score *= kv.k_scale[scale_slot[key] + g];
-      scores[(h - h0) * tile + key] = score;
-    }
+  };
+  index_t key = 0;
+  for (; key + 8 <= count; key += 8) score_group(key, 8);
+  if (key < count) score_group(key, count - key);
   for (index_t i = 0; i < heads; ++i) tile_softmax(st, i, count, d);
   // Values, head by head, the accumulator in registers across the tile.
   const E* rows[tile];
@@ -309,7 +406,14 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
       rows[r] = kv.v + slot[r] + g * d;
       if constexpr (quantized) p[r] *= kv.v_scale[scale_slot[r] + g];
     }
-#if defined(CTFORMER_CPU_AVX2)
+#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+    if constexpr (may_pair) {
+      if (paired) {
+        accumulate_bf16_rows_512(p, rows, count, d, st.acc + (h - h0) * d);
+        continue;
+      }
+    }
+#elif defined(CTFORMER_CPU_AVX2)
     if constexpr (may_pair) {
       if (paired) {
         accumulate_bf16_rows(p, rows, count, d, st.acc + (h - h0) * d);
@@ -367,6 +471,19 @@ void attend_queries(query_state* states, const index_t* key_ends, index_t querie
 }
 
 }  // namespace detail
+
+/// Whether this build scores a bf16 cache of head dimension d with the query
+/// rounded to bf16 (vdpbf16ps: an AVX512_BF16 build and d % 32 == 0); false
+/// where the query stays fp32. Tests and callers that reproduce the scores
+/// need it.
+inline bool bf16_cache_rounds_query(index_t d) {
+#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+  return detail::bf16_native(d);
+#else
+  (void)d;
+  return false;
+#endif
+}
 
 /// Causal attention of T new queries at positions [start, start + T) over a
 /// cache that already holds their keys and values: query t attends to
