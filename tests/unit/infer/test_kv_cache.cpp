@@ -1,6 +1,7 @@
 // infer::kv_cache (contiguous and paged; fp32, bf16, int8 elements) and
 // ops::cached_attention over it: block bookkeeping, memory that follows live
 // tokens, pool exhaustion, and attention against a plain two-pass reference.
+#include <array>
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -385,4 +386,31 @@ TEMPLATE_TEST_CASE("a prefill query gets the bits it gets alone, whatever cache 
     INFO("threads " << threads);
     CHECK(together == alone);
   }
+  // The same queries as a view into wider rows (each head's d values, then d
+  // unused ones) and writing into such a view: the same bits. (The kernel
+  // reads head h at q + h * d, so a strided query is packed first; before
+  // that, this case read the wrong values.)
+  std::vector<float> wide_q(std::size_t(t_len * heads * 2 * head_dim), 1e30f);
+  std::vector<float> wide_out(wide_q.size(), -1.0f);
+  for (index_t t = 0; t < t_len; ++t)
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t e = 0; e < head_dim; ++e)
+        wide_q[std::size_t((t * heads + h) * 2 * head_dim + e)] = q[std::size_t((t * heads + h) * head_dim + e)];
+  const std::array<index_t, 3> wide_strides{heads * 2 * head_dim, 2 * head_dim, 1};
+  std::vector<float> packed_out(q.size());
+  ops::cached_attention(cpu::par.with_threads(2), tensor_view<const float, 3>(q.data(), {t_len, heads, head_dim}),
+                        cache.view(1, seq), tensor_view<float, 3>(packed_out.data(), {t_len, heads, head_dim}),
+                        n - t_len, 0.25f);
+  ops::cached_attention(cpu::par.with_threads(2),
+                        tensor_view<const float, 3>(wide_q.data(), {t_len, heads, head_dim}, wide_strides),
+                        cache.view(1, seq), tensor_view<float, 3>(wide_out.data(), {t_len, heads, head_dim}, wide_strides),
+                        n - t_len, 0.25f);
+  bool same = true;
+  for (index_t t = 0; t < t_len; ++t)
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t e = 0; e < head_dim; ++e)
+        same = same && wide_out[std::size_t((t * heads + h) * 2 * head_dim + e)] ==
+                           packed_out[std::size_t((t * heads + h) * head_dim + e)] &&
+               wide_out[std::size_t((t * heads + h) * 2 * head_dim + head_dim + e)] == -1.0f;
+  CHECK(same);
 }

@@ -502,6 +502,16 @@ template <class E>
 void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, const kv_view<const E>& kv,
                            tensor_view<float, 3> out, index_t start, float scale) {
   const index_t t_len = q.extent(0), heads = q.extent(1), d = kv.head_dim;
+  // The kernels find head h of a query at q + h * d: a query whose heads are
+  // not packed (a view into wider rows) is copied once into packed scratch.
+  if (heads > 1 && q.stride(1) != d) {
+    float* packed = detail::scratch_floats(7, std::size_t(t_len * heads * d));
+    for (index_t t = 0; t < t_len; ++t)
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t e = 0; e < d; ++e) packed[(t * heads + h) * d + e] = q(t, h, e);
+    cached_attention_impl(exec, tensor_view<const float, 3>(packed, {t_len, heads, d}), kv, out, start, scale);
+    return;
+  }
   const index_t group = heads / kv.kv_heads;
   const index_t threads = exec.thread_count();
   // Below this many key rows in total (a decode step over a context of a

@@ -101,8 +101,9 @@ int parallel_ranges(const par_t& exec, index_t n, Body&& body, index_t min_paral
 /// Slots: 0, 1 parameter-gradient partials; 2, 3 contiguous copies of strided
 /// parameters; 4 a decode step's attention partials (calling thread); 5 an
 /// attention task's running state (any thread); 6 the training attention's
-/// dS rows (any thread).
-inline constexpr int scratch_slots = 7;
+/// dS rows (any thread); 7 cached attention's packed copy of a query whose
+/// heads are strided (calling thread).
+inline constexpr int scratch_slots = 8;
 inline float* scratch_floats(int slot, std::size_t n) {
   thread_local std::vector<float> slots[scratch_slots];
   std::vector<float>& s = slots[slot];
