@@ -46,6 +46,7 @@ inline void load_bf16_pairs(const bf16* p, __m256& even, __m256& odd) {
   even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xFFFF0000u))));
 }
+inline void load_bf16_pairs(const bf16* p, f32x8& even, f32x8& odd) { load_bf16_pairs(p, even.v, odd.v); }
 
 /// out[16 b + i] = in[16 b + 2 i], out[16 b + 8 + i] = in[16 b + 2 i + 1] (i < 8), d % 16 == 0.
 inline void pair_permute(const float* in, float* out, index_t d) {
@@ -55,14 +56,16 @@ inline void pair_permute(const float* in, float* out, index_t d) {
       out[b + 8 + i] = in[b + 2 * i + 1];
     }
 }
-/// The inverse of pair_permute, in place.
+/// The inverse of pair_permute (Block 16), in place; with Block 32, of the
+/// same permutation in blocks of 32 (the AVX-512 value sums).
+template <index_t Block = 16>
 inline void pair_unpermute(float* x, index_t d) {
-  float block[16];
-  for (index_t b = 0; b < d; b += 16) {
-    std::copy(x + b, x + b + 16, block);
-    for (index_t i = 0; i < 8; ++i) {
+  float block[Block];
+  for (index_t b = 0; b < d; b += Block) {
+    std::copy(x + b, x + b + Block, block);
+    for (index_t i = 0; i < Block / 2; ++i) {
       x[b + 2 * i] = block[i];
-      x[b + 2 * i + 1] = block[8 + i];
+      x[b + 2 * i + 1] = block[Block / 2 + i];
     }
   }
 }
@@ -85,64 +88,57 @@ inline void dot_bf16_pairs_8(const float* q, const bf16* const* rows, index_t d,
                                       _mm256_permute2f128_ps(s0123, s4567, 0x31)));
 }
 
-/// acc[0, 16 B) += sum_j p[j] rows[j][offset, offset + 16 B), acc permuted, in 2 B registers.
-template <int B>
+/// acc[0, 2 w B) += sum_j p[j] rows[j][offset, offset + 2 w B) for vectors V
+/// of w floats: the accumulator permuted in blocks of 2 w (even elements,
+/// then odd), held in 2 B registers.
+template <class V, int B>
 inline void accumulate_bf16_pairs(const float* p, const bf16* const* rows, index_t count, index_t offset, float* acc) {
-  __m256 a[2 * B];
-  for (int v = 0; v < 2 * B; ++v) a[v] = _mm256_loadu_ps(acc + 8 * v);
+  constexpr int w = V::width;
+  V a[2 * B];
+  for (int v = 0; v < 2 * B; ++v) a[v] = V::load(acc + w * v);
   for (index_t j = 0; j < count; ++j) {
-    const __m256 pj = _mm256_set1_ps(p[j]);
+    const V pj = V::splat(p[j]);
     for (int b = 0; b < B; ++b) {
-      __m256 even, odd;
-      load_bf16_pairs(rows[j] + offset + 16 * b, even, odd);
-      a[2 * b] = _mm256_fmadd_ps(pj, even, a[2 * b]);
-      a[2 * b + 1] = _mm256_fmadd_ps(pj, odd, a[2 * b + 1]);
+      V even, odd;
+      load_bf16_pairs(rows[j] + offset + 2 * w * b, even, odd);
+      a[2 * b] = fma(pj, even, a[2 * b]);
+      a[2 * b + 1] = fma(pj, odd, a[2 * b + 1]);
     }
   }
-  for (int v = 0; v < 2 * B; ++v) _mm256_storeu_ps(acc + 8 * v, a[v]);
+  for (int v = 0; v < 2 * B; ++v) a[v].store(acc + w * v);
 }
 
-/// accumulate_rows for bf16 rows with a permuted accumulator, d % 16 == 0.
+/// accumulate_rows for bf16 rows with an accumulator permuted in blocks of
+/// 2 V::width, d a multiple of that.
+template <class V>
 inline void accumulate_bf16_rows(const float* p, const bf16* const* rows, index_t count, index_t d, float* acc) {
+  constexpr index_t block = 2 * V::width;
   index_t c = 0;
-  for (; c + 64 <= d; c += 64) accumulate_bf16_pairs<4>(p, rows, count, c, acc + c);
-  switch ((d - c) / 16) {
-    case 3: accumulate_bf16_pairs<3>(p, rows, count, c, acc + c); break;
-    case 2: accumulate_bf16_pairs<2>(p, rows, count, c, acc + c); break;
-    case 1: accumulate_bf16_pairs<1>(p, rows, count, c, acc + c); break;
+  for (; c + 4 * block <= d; c += 4 * block) accumulate_bf16_pairs<V, 4>(p, rows, count, c, acc + c);
+  switch ((d - c) / block) {
+    case 3: accumulate_bf16_pairs<V, 3>(p, rows, count, c, acc + c); break;
+    case 2: accumulate_bf16_pairs<V, 2>(p, rows, count, c, acc + c); break;
+    case 1: accumulate_bf16_pairs<V, 1>(p, rows, count, c, acc + c); break;
     default: break;
   }
 }
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(CTFORMER_EXPERIMENT_OFF)
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define CTFORMER_ATTENTION_AVX512_BF16 1
 /// AVX512_BF16 builds read a bf16 cache natively. Scores: the query is
 /// rounded to bf16 once (as llama.cpp rounds it to an F16 cache's type) and
 /// vdpbf16ps multiplies it with 32 key elements per instruction, in fp32
 /// (a product of two bf16 is exact in fp32), with no widening of the keys.
 /// Values: pairs as above, 32 elements per 64-byte load, the accumulator
-/// permuted in blocks of 32 (pair_permute_32); each value element still
+/// permuted in blocks of 32 (pair_unpermute<32>); each value element still
 /// sums its positions in order with one fused multiply-add each.
 inline bool bf16_native(index_t d) { return d % 32 == 0; }
 
-inline void load_bf16_pairs_512(const bf16* p, __m512& even, __m512& odd) {
+inline void load_bf16_pairs(const bf16* p, f32x16& even, f32x16& odd) {
   const __m512i x = _mm512_loadu_si512(p);
-  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xFFFF0000u))));
-}
-
-/// The inverse of the accumulator's permutation in blocks of 32, in place:
-/// x[32 b + i] holds element 32 b + 2 i and x[32 b + 16 + i] element 32 b + 2 i + 1.
-inline void pair_unpermute_32(float* x, index_t d) {
-  float block[32];
-  for (index_t b = 0; b < d; b += 32) {
-    std::copy(x + b, x + b + 32, block);
-    for (index_t i = 0; i < 16; ++i) {
-      x[b + 2 * i] = block[i];
-      x[b + 2 * i + 1] = block[16 + i];
-    }
-  }
+  even.v = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd.v = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xFFFF0000u))));
 }
 
 /// Scores of 8 bf16 keys against a bf16 query: out[r] = q . rows[r], d % 32 == 0.
@@ -164,35 +160,6 @@ inline void dot_bf16_native_8(const bf16* q, const bf16* const* rows, index_t d,
                                       _mm256_permute2f128_ps(s0123, s4567, 0x31)));
 }
 
-/// acc[0, 32 B) += sum_j p[j] rows[j][offset, offset + 32 B), acc permuted in blocks of 32.
-template <int B>
-inline void accumulate_bf16_pairs_512(const float* p, const bf16* const* rows, index_t count, index_t offset,
-                                      float* acc) {
-  __m512 a[2 * B];
-  for (int v = 0; v < 2 * B; ++v) a[v] = _mm512_loadu_ps(acc + 16 * v);
-  for (index_t j = 0; j < count; ++j) {
-    const __m512 pj = _mm512_set1_ps(p[j]);
-    for (int b = 0; b < B; ++b) {
-      __m512 even, odd;
-      load_bf16_pairs_512(rows[j] + offset + 32 * b, even, odd);
-      a[2 * b] = _mm512_fmadd_ps(pj, even, a[2 * b]);
-      a[2 * b + 1] = _mm512_fmadd_ps(pj, odd, a[2 * b + 1]);
-    }
-  }
-  for (int v = 0; v < 2 * B; ++v) _mm512_storeu_ps(acc + 16 * v, a[v]);
-}
-
-/// accumulate_rows for bf16 rows, the accumulator permuted in blocks of 32, d % 32 == 0.
-inline void accumulate_bf16_rows_512(const float* p, const bf16* const* rows, index_t count, index_t d, float* acc) {
-  index_t c = 0;
-  for (; c + 128 <= d; c += 128) accumulate_bf16_pairs_512<4>(p, rows, count, c, acc + c);
-  switch ((d - c) / 32) {
-    case 3: accumulate_bf16_pairs_512<3>(p, rows, count, c, acc + c); break;
-    case 2: accumulate_bf16_pairs_512<2>(p, rows, count, c, acc + c); break;
-    case 1: accumulate_bf16_pairs_512<1>(p, rows, count, c, acc + c); break;
-    default: break;
-  }
-}
 #endif
 
 /// Where a tile's positions live: the element offset of each position's
@@ -225,7 +192,8 @@ void find_tile_slots(const kv_view<const E>& kv, index_t p0, index_t count, tile
 /// max[i] is the largest scaled score so far, sum[i] the sum of exp(score -
 /// max[i]) and acc[i * d ...] the matching exp-weighted sum of values (not
 /// yet divided by sum[i]); scores (heads, tile) holds a tile's scores and
-/// paired_q (heads, d) a bf16 cache's permuted query.
+/// paired_q (heads, d) a bf16 cache's permuted query (AVX2) or its query
+/// rounded to bf16 (AVX512_BF16, in the same floats' bytes).
 struct query_state {
   const float* q;
   float* max;
@@ -282,7 +250,7 @@ template <class E>
 void end_query(query_state& st, index_t heads, index_t d) {
 #if defined(CTFORMER_ATTENTION_AVX512_BF16)
   if (reads_pairs<E>(d))
-    for (index_t i = 0; i < heads; ++i) pair_unpermute_32(st.acc + i * d, d);
+    for (index_t i = 0; i < heads; ++i) pair_unpermute<32>(st.acc + i * d, d);
 #elif defined(CTFORMER_CPU_AVX2)
   if (reads_pairs<E>(d))
     for (index_t i = 0; i < heads; ++i) pair_unpermute(st.acc + i * d, d);
@@ -409,14 +377,14 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
 #if defined(CTFORMER_ATTENTION_AVX512_BF16)
     if constexpr (may_pair) {
       if (paired) {
-        accumulate_bf16_rows_512(p, rows, count, d, st.acc + (h - h0) * d);
+        accumulate_bf16_rows<f32x16>(p, rows, count, d, st.acc + (h - h0) * d);
         continue;
       }
     }
 #elif defined(CTFORMER_CPU_AVX2)
     if constexpr (may_pair) {
       if (paired) {
-        accumulate_bf16_rows(p, rows, count, d, st.acc + (h - h0) * d);
+        accumulate_bf16_rows<f32x8>(p, rows, count, d, st.acc + (h - h0) * d);
         continue;
       }
     }
