@@ -169,8 +169,8 @@ inline constexpr index_t interleaved_gemm_tokens = 4;
 template <class Format>
 void group_dot_tokens(const quant::interleaved_matrix<Format>& w, index_t g, const q8_activations* const* a, int n,
                       float (*out)[8]) {
-  using matrix = quant::interleaved_matrix<Format>;
 #if defined(__AVX2__)
+  using matrix = quant::interleaved_matrix<Format>;
   if (n == interleaved_gemm_tokens) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const std::byte* gb = w.group_block(g, 0);
@@ -264,11 +264,11 @@ void dequantize_group(const quant::interleaved_matrix<Format>& w, index_t g, flo
   const index_t nb = w.blocks_per_row();
   for (index_t b = 0; b < nb; ++b) {
     const std::byte* gb = w.group_block(g, b);
-    const auto* quants = reinterpret_cast<const std::uint8_t*>(gb + matrix::scale_bytes);
+    [[maybe_unused]] const auto* quants = reinterpret_cast<const std::uint8_t*>(gb + matrix::scale_bytes);
     for (index_t r = 0; r < matrix::rows_per_group; ++r) {
       fp16 d;
       std::memcpy(&d, gb + r * sizeof(fp16), sizeof d);
-      const float scale = fp16_to_float(d);
+      [[maybe_unused]] const float scale = fp16_to_float(d);
       float* o = out + r * out_stride + b * qk;
 #if defined(__AVX2__)
       // Row r's 32 quants as signed bytes in element order.

@@ -82,7 +82,7 @@ inline void softmax_backward_impl(const par_t& exec, tensor_view<const float, 3>
 inline logits_scan scan_logits_impl(const par_t&, tensor_view<const float, 1> logits) {
   constexpr float infinity = std::numeric_limits<float>::infinity();
   const index_t n = logits.extent(0);
-  const bool contiguous = logits.stride(0) == 1;
+  [[maybe_unused]] const bool contiguous = logits.stride(0) == 1;
   logits_scan r;
   auto take = [&](float v) {
     r.nan_or_positive_infinity |= !(v < infinity);
