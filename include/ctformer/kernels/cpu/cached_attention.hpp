@@ -82,10 +82,7 @@ inline void dot_bf16_pairs_8(const float* q, const bf16* const* rows, index_t d,
       acc[r] = _mm256_fmadd_ps(q_odd, odd, _mm256_fmadd_ps(q_even, even, acc[r]));
     }
   }
-  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                      _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+  store_lane_sums_8(acc, out);
 }
 
 /// acc[0, 2 w B) += sum_j p[j] rows[j][offset, offset + 2 w B) for vectors V
@@ -149,15 +146,12 @@ inline void dot_bf16_native_8(const bf16* q, const bf16* const* rows, index_t d,
     const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + i);
     for (int r = 0; r < 8; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], qv, (__m512bh)_mm512_loadu_si512(rows[r] + i));
   }
-  // Each sum folded to 8 lanes, then the hadd tree of dot_bf16_pairs_8.
+  // Each sum folded to 8 lanes, then the same reduction as the 8-wide kernels.
   __m256 h[8];
   for (int r = 0; r < 8; ++r)
     h[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),
                          _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
-  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
-  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
-  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                      _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+  store_lane_sums_8(h, out);
 }
 
 #endif

@@ -72,6 +72,20 @@ inline void axpy_kv(float alpha, const E* row, float* acc, index_t d) {
   for (; i < d; ++i) acc[i] += alpha * to_float(row[i]);
 }
 
+#if defined(CTFORMER_CPU_AVX2)
+/// out[r] = the sum of acc[r]'s 8 lanes, r < 8, in one transposing
+/// reduction. hadd adds pairs within 128-bit lanes: after two rounds the low
+/// lane holds sums 0-3 (s0123) or 4-7 (s4567) over lanes 0-3, the high lane
+/// over lanes 4-7; adding the two halves finishes. Every r is summed in the
+/// same order.
+inline void store_lane_sums_8(const __m256 (&acc)[8], float* out) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                                      _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+}
+#endif
+
 /// Scores of 8 keys at once: out[r] = q . rows[r] over d elements. One
 /// accumulator per key and a single transposing reduction of the eight, rather
 /// than a horizontal sum per key.
@@ -85,13 +99,7 @@ inline void dot_kv_8(const float* q, const E* const* rows, index_t d, float* out
       const __m256 qv = _mm256_loadu_ps(q + i);
       for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load_kv(rows[r] + i).v, acc[r]);
     }
-    // hadd pairs within 128-bit lanes: after two rounds the low lane holds
-    // keys 0-3 (s0123) or 4-7 (s4567) summed over elements 0-3 of each
-    // 8-block, the high lane over elements 4-7; adding the lanes finishes.
-    const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
-                                        _mm256_permute2f128_ps(s0123, s4567, 0x31)));
+    store_lane_sums_8(acc, out);
     return;
   }
 #endif
