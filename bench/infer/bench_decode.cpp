@@ -6,9 +6,11 @@
 // prompt and decode tokens/s at contexts 128 and 1024 (GPT-2: 1023, its
 // position table ends at 1024) with batch 1, in fp32, bf16, q8_0 and q4_0
 // weights, on 1 and 2 threads. Each decode figure
-// is printed next to its bandwidth bound: the triad bandwidth measured in this
-// run divided by the bytes one decode step reads (packed weights + the bf16
-// KV cache up to the context), and the ratio.
+// is printed next to its bandwidth bound: the triad bandwidth on the same
+// threads, measured just before and just after that benchmark's timed steps
+// (the mean of the two: this VM's bandwidth drifts by tens of percent within
+// a run), divided by the bytes one decode step reads (packed weights + the
+// bf16 KV cache up to the context), and the ratio.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -161,6 +163,7 @@ void bm_decode(benchmark::State& state) {
   const double bytes = double(m.weight_bytes()) + kv_bytes + Cfg::d_model * sizeof(float);
   double seconds = 0;
   std::int64_t steps = 0;
+  const double triad_before = bench::triad_gb_per_s(threads, 3);
   for (auto _ : state) {
     c.cache.set_length(c.seq, context);  // every step decodes at exactly this context
     const auto t0 = std::chrono::steady_clock::now();
@@ -170,7 +173,9 @@ void bm_decode(benchmark::State& state) {
     benchmark::DoNotOptimize(logits.data());
   }
   const double tokens_per_s = double(steps) / seconds;
-  const double bound = bandwidth[threads] * 1e9 / bytes;
+  const double triad = (triad_before + bench::triad_gb_per_s(threads, 3)) / 2;
+  const double bound = triad * 1e9 / bytes;
+  state.counters["triad_GB/s"] = triad;
   state.counters["context"] = double(context);
   state.counters["tok/s"] = tokens_per_s;
   state.counters["MB/token"] = bytes / 1e6;

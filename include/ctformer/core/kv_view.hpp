@@ -15,12 +15,14 @@ namespace ctformer {
 ///
 /// Tokens are stored in blocks of `block_tokens` positions; logical block i
 /// of the sequence is physical block `block_table[i]`. Inside a block, token
-/// j, key/value head g starts at `j * token_stride + g * head_dim` elements
-/// from the block's start; blocks are `block_stride` elements apart. A
-/// contiguous cache is the case of one block of max_seq tokens per sequence.
+/// j of key/value head g starts at `g * head_stride + j * token_stride`
+/// elements from the block's start; blocks are `block_stride` elements apart.
+/// The caches of infer/ lay a block out head by head (head_stride =
+/// block_tokens * head_dim, token_stride = head_dim), so that a decode step,
+/// which reads every head of a block, streams the block front to back.
 ///
 /// For int8 elements, `k_scale` / `v_scale` hold one fp32 scale per (token,
-/// kv head) in the same block layout with strides `token_stride / head_dim`
+/// kv head) in the same block layout with every stride divided by head_dim
 /// (value = scale * int8); they are null for fp32 and bf16.
 /// @tparam Element float, bf16 or std::int8_t (const-qualified for reading)
 template <class Element>
@@ -38,7 +40,8 @@ struct kv_view {
   const std::int32_t* block_table = nullptr;  ///< physical block of each logical block
   index_t block_tokens = 0;                   ///< positions per block
   index_t block_stride = 0;                   ///< elements between physical blocks
-  index_t token_stride = 0;                   ///< elements between positions in a block (kv_heads * head_dim)
+  index_t token_stride = 0;                   ///< elements between positions of one head in a block
+  index_t head_stride = 0;                    ///< elements between kv heads in a block
   index_t kv_heads = 0;
   index_t head_dim = 0;
   index_t capacity = 0;  ///< positions the block table covers (readable: [0, capacity))
@@ -46,13 +49,11 @@ struct kv_view {
   /// Offset (in elements) of position pos, kv head g, from k / v.
   index_t offset(index_t pos, index_t g) const {
     return index_t(block_table[pos / block_tokens]) * block_stride + (pos % block_tokens) * token_stride +
-           g * head_dim;
+           g * head_stride;
   }
   /// Index of the scale of position pos, kv head g (int8 only).
-  index_t scale_offset(index_t pos, index_t g) const {
-    return index_t(block_table[pos / block_tokens]) * (block_stride / head_dim) +
-           (pos % block_tokens) * kv_heads + g;
-  }
+  /// (Every stride is a multiple of head_dim: one scale per head_dim elements.)
+  index_t scale_offset(index_t pos, index_t g) const { return offset(pos, g) / head_dim; }
 };
 
 }  // namespace ctformer

@@ -43,8 +43,8 @@ void cached_attention(const P& exec, const Q& q, const kv_view<Element>& kv, con
   if (q.extent(0) == 0) return;
   const kv_view<const std::remove_cv_t<Element>> read{kv.k,           kv.v,          kv.k_scale,
                                                       kv.v_scale,     kv.block_table, kv.block_tokens,
-                                                      kv.block_stride, kv.token_stride, kv.kv_heads,
-                                                      kv.head_dim,    kv.capacity};
+                                                      kv.block_stride, kv.token_stride, kv.head_stride,
+                                                      kv.kv_heads,    kv.head_dim,    kv.capacity};
   if constexpr (requires { cached_attention_impl(exec, as_const(q), read, out, start, scale); }) {
     cached_attention_impl(exec, as_const(q), read, out, start, scale);
   } else {

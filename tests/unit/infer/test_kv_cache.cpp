@@ -79,7 +79,9 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 TEST_CASE("contiguous cache: slots, lengths and errors", "[infer][kv_cache]") {
   infer::kv_cache<infer::kv::contiguous<float>> cache(n_layer, kv_heads, head_dim, max_seq, 2);
-  CHECK(cache.bytes() == std::size_t(2 * 2 * n_layer * max_seq * kv_heads * head_dim) * sizeof(float));
+  // A slot holds max_seq rounded up to whole layout blocks of 64 positions.
+  constexpr index_t slot_tokens = (max_seq + 63) / 64 * 64;
+  CHECK(cache.bytes() == std::size_t(2 * 2 * n_layer * slot_tokens * kv_heads * head_dim) * sizeof(float));
   const auto a = cache.open_sequence();
   const auto b = cache.open_sequence();
   CHECK(a != b);
@@ -413,4 +415,67 @@ TEMPLATE_TEST_CASE("a prefill query gets the bits it gets alone, whatever cache 
                            packed_out[std::size_t((t * heads + h) * head_dim + e)] &&
                wide_out[std::size_t((t * heads + h) * 2 * head_dim + head_dim + e)] == -1.0f;
   CHECK(same);
+}
+
+namespace {
+
+/// Keys and values (n, kv, d) written into a fresh sequence of `cache` in
+/// chunks of 7 positions (so writes cross blocks), then the last t_len
+/// queries attended as one prefill chunk and the last one again as a decode
+/// step: both outputs, concatenated.
+template <class Policy>
+std::vector<float> attend_layout(infer::kv_cache<Policy>& cache, const std::vector<float>& k,
+                                 const std::vector<float>& v, const std::vector<float>& q, index_t n, index_t t_len,
+                                 index_t kv, index_t h, index_t d) {
+  const auto seq = cache.open_sequence();
+  cache.reserve(seq, n);
+  for (index_t s = 0; s < n; s += 7) {
+    const index_t m = std::min<index_t>(7, n - s);
+    cache.write(0, seq, s, tensor_view<const float, 3>(k.data() + s * kv * d, {m, kv, d}),
+                tensor_view<const float, 3>(v.data() + s * kv * d, {m, kv, d}));
+  }
+  cache.set_length(seq, n);
+  std::vector<float> out(std::size_t((t_len + 1) * h * d));
+  const auto par = cpu::par.with_threads(2);
+  ops::cached_attention(par, tensor_view<const float, 3>(q.data(), {t_len, h, d}), cache.view(0, seq),
+                        tensor_view<float, 3>(out.data(), {t_len, h, d}), n - t_len, 0.125f);
+  ops::cached_attention(par, tensor_view<const float, 3>(q.data() + (t_len - 1) * h * d, {1, h, d}),
+                        cache.view(0, seq), tensor_view<float, 3>(out.data() + t_len * h * d, {1, h, d}), n - 1,
+                        0.125f);
+  cache.close_sequence(seq);
+  return out;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("cached attention gives the same bits for every block size and the contiguous layout",
+                   "[infer][kv_cache][attention]", float, bf16, std::int8_t) {
+  // Blocks lay out their positions head by head and the kernel reads each
+  // block segment of a tile head by head: 5-position blocks (not a multiple
+  // of the 8-key scoring groups: tiles stay whole), 24 (segments that do not
+  // divide the 64-key tiles), 64 from a fragmented pool, and the contiguous
+  // slot (64-position layout blocks, max_seq rounded up) must all give the
+  // contiguous cache's bits, prefill and decode (300 keys: two decode parts).
+  // d = 64 takes the vector paths (bf16 pairs, fp32 prefetch) of this build.
+  constexpr index_t kv = 2, h = 4, d = 64, n = 300, t_len = 20;
+  const auto k = testing::random_floats(std::size_t(n * kv * d), 41, -2.0f, 2.0f);
+  const auto v = testing::random_floats(std::size_t(n * kv * d), 42);
+  const auto q = testing::random_floats(std::size_t(t_len * h * d), 43, -2.0f, 2.0f);
+  infer::kv_cache<infer::kv::contiguous<TestType>> contiguous(1, kv, d, n, 1);
+  infer::kv_cache<infer::kv::paged<5, TestType>> paged5(1, kv, d, n, n);
+  infer::kv_cache<infer::kv::paged<24, TestType>> paged24(1, kv, d, n, n);
+  infer::kv_cache<infer::kv::paged<64, TestType>> paged64(1, kv, d, n, 3 * n);
+  // A fragmented pool: the sequence gets blocks 0, 2, 3 (not one run).
+  const auto first = paged64.open_sequence(), second = paged64.open_sequence();
+  paged64.reserve(first, 64);
+  paged64.reserve(second, 64);
+  paged64.close_sequence(first);
+  const auto expected = attend_layout(contiguous, k, v, q, n, t_len, kv, h, d);
+  CHECK(attend_layout(paged5, k, v, q, n, t_len, kv, h, d) == expected);
+  CHECK(attend_layout(paged24, k, v, q, n, t_len, kv, h, d) == expected);
+  CHECK(attend_layout(paged64, k, v, q, n, t_len, kv, h, d) == expected);
+  // The decode step's output is the prefill's last row up to the part merge
+  // (fp32 rounding of the rescaled partial sums): 1e-5 relative to values in [-1, 1].
+  for (index_t e = 0; e < h * d; ++e)
+    CHECK(std::fabs(expected[std::size_t(t_len * h * d + e)] - expected[std::size_t((t_len - 1) * h * d + e)]) < 1e-5);
 }

@@ -157,10 +157,15 @@ inline void dot_bf16_native_8(const bf16* q, const bf16* const* rows, index_t d,
 #endif
 
 /// Where a tile's positions live: the element offset of each position's
-/// key/value slot and (int8) the index of its first scale.
+/// kv head 0 row and (int8) the index of its scale; and the tile cut into
+/// segments, runs of positions inside one block ([segment_end[i - 1],
+/// segment_end[i]), from 0), which the kernel reads head by head, in the
+/// order a block lays them out.
 struct tile_slots {
   index_t slot[cached_attention_tile];
   index_t scale_slot[cached_attention_tile];
+  index_t segment_end[cached_attention_tile];
+  index_t segments;
 };
 
 /// Fills `slots` for positions [p0, p0 + count) of kv.
@@ -169,17 +174,23 @@ void find_tile_slots(const kv_view<const E>& kv, index_t p0, index_t count, tile
   constexpr bool quantized = std::is_same_v<E, std::int8_t>;
   // A (block, offset) cursor walks the block table without a division per key.
   index_t block = p0 / kv.block_tokens, in_block = p0 % kv.block_tokens;
-  const index_t scale_block_stride = kv.block_stride / kv.head_dim;
+  // Blocks of a multiple of 8 positions cut a tile into whole groups of 8
+  // keys (the scoring kernel's width) but at its end; other block sizes
+  // would leave partial groups, so their tiles stay one segment.
+  const bool segmented = kv.block_tokens % 8 == 0;
+  slots.segments = 0;
   for (index_t j = 0; j < count; ++j) {
     if (in_block == kv.block_tokens) {
       in_block = 0;
       ++block;
+      if (segmented) slots.segment_end[slots.segments++] = j;
     }
     const index_t physical = index_t(kv.block_table[block]);
     slots.slot[j] = physical * kv.block_stride + in_block * kv.token_stride;
-    if constexpr (quantized) slots.scale_slot[j] = physical * scale_block_stride + in_block * kv.kv_heads;
+    if constexpr (quantized) slots.scale_slot[j] = slots.slot[j] / kv.head_dim;
     ++in_block;
   }
+  slots.segment_end[slots.segments++] = count;
 }
 
 /// One query's running softmax over heads [h0, h1): for each head i = h - h0,
@@ -290,18 +301,20 @@ inline void tile_softmax(query_state& st, index_t i, index_t count, index_t d) {
 /// Adds the first `count` positions of a tile (slots) to one query's running
 /// softmax over heads [h0, h1) (head h reads kv head h / group).
 ///
-/// The loop runs over positions and, inside, over heads: a position's keys
-/// for all its kv heads are one contiguous run of the cache, so the cache is
-/// streamed front to back (which the hardware prefetchers follow) instead of
-/// one 128-byte head row per token stride, each of which would wait on DRAM.
-/// Tiles are fixed runs of logical positions, whatever the block size, so a
-/// paged and a contiguous cache holding the same values give the same bits.
+/// Each segment of the tile (a run of positions in one block) is read head
+/// by head, keys first and values after: the order in which a block lays out
+/// its rows, so the cache streams front to back. Tiles are fixed runs of
+/// logical positions whatever the block size, and neither a score (8 keys
+/// at a time, each from its own lanes) nor a value sum (positions in order,
+/// one fused multiply-add each) depends on how the tile is cut, so a paged
+/// and a contiguous cache holding the same values give the same bits.
 template <class E>
 void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const kv_view<const E>& kv,
                  const tile_slots& slots, index_t count, float scale) {
   constexpr bool quantized = std::is_same_v<E, std::int8_t>;
   constexpr index_t tile = cached_attention_tile;
   const index_t d = kv.head_dim, heads = h1 - h0;
+  const index_t scale_head_stride = kv.head_stride / d;
   const index_t* slot = slots.slot;
   const index_t* scale_slot = slots.scale_slot;
   float* scores = st.scores;
@@ -310,80 +323,83 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
   constexpr bool may_pair = std::is_same_v<E, bf16>;
   const bool paired = reads_pairs<E>(d);
 #endif
-  // Scores, 8 keys at a time; a tile's last group of fewer than 8 repeats
-  // its last key in the missing rows and keeps only the real scores, so that
-  // every score comes from the same vector kernel (a key's score does not
-  // depend on its neighbours). For an int8 cache the values of those 8
-  // positions are asked for meanwhile (the value pass reads them head by
-  // head, and without the hint it measured 10-30% slower). fp32 and bf16
-  // values are left to the hardware prefetchers: on huge pages (host_space)
-  // they follow, and the hint's 24 instructions per position measured
-  // 5-20% slower (bench_cached_attention, Zen 3; and again on Zen 4 for bf16).
-  const index_t g0 = h0 / group, g1 = (h1 - 1) / group + 1;
-  const index_t value_bytes = (g1 - g0) * d * index_t(sizeof(E));
-  // Scores of keys [key, key + 8) for every head; rows past `valid` repeat
-  // the last real key and their scores are dropped.
-  auto score_group = [&](index_t key, index_t valid) {
-    if constexpr (quantized)
-      for (index_t r = 0; r < valid; ++r) prefetch_bytes(kv.v + slot[key + r] + g0 * d, value_bytes);
-    for (index_t h = h0; h < h1; ++h) {
-      const index_t g = h / group;
-      const E* rows[8];
-      for (index_t r = 0; r < 8; ++r) rows[r] = kv.k + slot[key + std::min(r, valid - 1)] + g * d;
-      float dots[8];
+  // Scores of head h for keys [key, key + 8) of a segment; rows past `valid`
+  // repeat the segment's last key and their scores are dropped, so every
+  // score comes from the same vector kernel.
+  auto score_group = [&](index_t h, index_t key, index_t valid) {
+    const index_t g = h / group;
+    const E* rows[8];
+    for (index_t r = 0; r < 8; ++r) rows[r] = kv.k + slot[key + std::min(r, valid - 1)] + g * kv.head_stride;
+    float dots[8];
 #if defined(CTFORMER_ATTENTION_AVX512_BF16)
-      if constexpr (may_pair) {
-        if (paired) dot_bf16_native_8(reinterpret_cast<const bf16*>(st.paired_q) + (h - h0) * d, rows, d, dots);
-        else dot_kv_8(q + h * d, rows, d, dots);
-      } else {
-        dot_kv_8(q + h * d, rows, d, dots);
-      }
-#elif defined(CTFORMER_CPU_AVX2)
-      if constexpr (may_pair) {
-        if (paired) dot_bf16_pairs_8(st.paired_q + (h - h0) * d, rows, d, dots);
-        else dot_kv_8(q + h * d, rows, d, dots);
-      } else {
-        dot_kv_8(q + h * d, rows, d, dots);
-      }
-#else
+    if constexpr (may_pair) {
+      if (paired) dot_bf16_native_8(reinterpret_cast<const bf16*>(st.paired_q) + (h - h0) * d, rows, d, dots);
+      else dot_kv_8(q + h * d, rows, d, dots);
+    } else {
       dot_kv_8(q + h * d, rows, d, dots);
+    }
+#elif defined(CTFORMER_CPU_AVX2)
+    if constexpr (may_pair) {
+      if (paired) dot_bf16_pairs_8(st.paired_q + (h - h0) * d, rows, d, dots);
+      else dot_kv_8(q + h * d, rows, d, dots);
+    } else {
+      dot_kv_8(q + h * d, rows, d, dots);
+    }
+#else
+    dot_kv_8(q + h * d, rows, d, dots);
 #endif
-      for (index_t r = 0; r < valid; ++r) {
-        float score = dots[r] * scale;
-        if constexpr (quantized) score *= kv.k_scale[scale_slot[key + r] + g];
-        scores[(h - h0) * tile + key + r] = score;
-      }
+    for (index_t r = 0; r < valid; ++r) {
+      float score = dots[r] * scale;
+      if constexpr (quantized) score *= kv.k_scale[scale_slot[key + r] + g * scale_head_stride];
+      scores[(h - h0) * tile + key + r] = score;
     }
   };
-  index_t key = 0;
-  for (; key + 8 <= count; key += 8) score_group(key, 8);
-  if (key < count) score_group(key, count - key);
+  // slots may cover more positions than count (a prefill block's earlier
+  // queries stop short of the tile's end): segments are cut at count.
+  for (index_t s = 0, begin = 0; begin < count; begin = slots.segment_end[s++]) {
+    const index_t end = std::min(slots.segment_end[s], count);
+    for (index_t h = h0; h < h1; ++h)
+      for (index_t key = begin; key < end; key += 8) {
+        // fp32 keys (four cache lines a row at d = 64) are asked for two
+        // groups ahead: 1.3-1.5x faster from DRAM (bench_cached_attention,
+        // Zen 4); bf16 and int8 keys measured slower with the hint.
+        if constexpr (std::is_same_v<E, float>)
+          if (key + 16 < end) prefetch_bytes(kv.k + slot[key + 16] + (h / group) * kv.head_stride, 8 * d * index_t(sizeof(E)));
+        score_group(h, key, std::min<index_t>(8, end - key));
+      }
+  }
   for (index_t i = 0; i < heads; ++i) tile_softmax(st, i, count, d);
-  // Values, head by head, the accumulator in registers across the tile.
+  if constexpr (quantized)
+    for (index_t h = h0; h < h1; ++h)
+      for (index_t r = 0; r < count; ++r)
+        scores[(h - h0) * tile + r] *= kv.v_scale[scale_slot[r] + (h / group) * scale_head_stride];
+  // Values, segment by segment and head by head, each head's accumulator in
+  // registers across a segment.
   const E* rows[tile];
-  for (index_t h = h0; h < h1; ++h) {
-    const index_t g = h / group;
-    float* p = scores + (h - h0) * tile;
-    for (index_t r = 0; r < count; ++r) {
-      rows[r] = kv.v + slot[r] + g * d;
-      if constexpr (quantized) p[r] *= kv.v_scale[scale_slot[r] + g];
-    }
+  for (index_t s = 0, begin = 0; begin < count; begin = slots.segment_end[s++]) {
+    const index_t end = std::min(slots.segment_end[s], count);
+    for (index_t h = h0; h < h1; ++h) {
+      const index_t g = h / group;
+      const float* p = scores + (h - h0) * tile + begin;
+      for (index_t r = begin; r < end; ++r) rows[r - begin] = kv.v + slot[r] + g * kv.head_stride;
+      float* acc = st.acc + (h - h0) * d;
 #if defined(CTFORMER_ATTENTION_AVX512_BF16)
-    if constexpr (may_pair) {
-      if (paired) {
-        accumulate_bf16_rows<f32x16>(p, rows, count, d, st.acc + (h - h0) * d);
-        continue;
+      if constexpr (may_pair) {
+        if (paired) {
+          accumulate_bf16_rows<f32x16>(p, rows, end - begin, d, acc);
+          continue;
+        }
       }
-    }
 #elif defined(CTFORMER_CPU_AVX2)
-    if constexpr (may_pair) {
-      if (paired) {
-        accumulate_bf16_rows<f32x8>(p, rows, count, d, st.acc + (h - h0) * d);
-        continue;
+      if constexpr (may_pair) {
+        if (paired) {
+          accumulate_bf16_rows<f32x8>(p, rows, end - begin, d, acc);
+          continue;
+        }
       }
-    }
 #endif
-    accumulate_rows(p, rows, count, d, st.acc + (h - h0) * d);
+      accumulate_rows(p, rows, end - begin, d, acc);
+    }
   }
 }
 
