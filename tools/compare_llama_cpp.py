@@ -22,6 +22,10 @@ What each side runs:
   (a bf16 KV cache, the same bytes per element as F16). Decode at context 128
   reads more cache per token than llama.cpp's steps from 0 to 128 do, so
   the decode ratio slightly favours llama.cpp.
+- With --long-context, a third pair: llama-bench -p 0 -n 128 -d 960 (128
+  steps after a 960-token prompt: contexts 960 to 1088, 1024 on average)
+  against bench_decode's decode at context 1024, where the cache's reads
+  are a quarter (q8_0) to a third (q4_0) of each token's bytes.
 
 Needs numpy and gguf (pip install numpy gguf).
 """
@@ -118,18 +122,30 @@ def llama_cpp(llama_bin, model, threads, repetitions):
     return prefill, decode
 
 
-def ctformer(bench, fmt, threads):
-    """(prefill 512 tok/s, decode tok/s at context 128) from bench_decode's LLaMA rows."""
+def llama_cpp_long(llama_bin, model, threads, repetitions):
+    """Decode tok/s over contexts 960-1088 (mean 1024) from llama-bench -d 960."""
+    run = subprocess.run([os.path.join(llama_bin, "llama-bench"), "-m", model, "-t", str(threads), "-p", "0",
+                          "-n", "128", "-d", "960", "-fa", "0", "-r", str(repetitions), "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    rows = json.loads(run.stdout)
+    return next(r["avg_ts"] for r in rows if r["n_gen"] == 128)
+
+
+def ctformer(bench, fmt, threads, long_context=False):
+    """(prefill 512 tok/s, decode tok/s at context 128[, decode tok/s at context 1024]) from bench_decode."""
     tag = FORMATS[fmt][1]
+    contexts = "(0|1)" if long_context else "0"
     pattern = (f"bm_(prefill<llama_110m, {tag}>/threads:{threads}/|"
-               f"decode<llama_110m, {tag}>/long_context:0/threads:{threads}/)")
+               f"decode<llama_110m, {tag}>/long_context:{contexts}/threads:{threads}/)")
     run = subprocess.run([bench, "--benchmark_format=json", f"--benchmark_filter={pattern}"],
                          capture_output=True, text=True, check=True)
     # bench_decode prints its measured bandwidth before the JSON.
     rows = json.loads(run.stdout[run.stdout.index("{"):])["benchmarks"]
     prefill = next(r["tok/s"] for r in rows if r["name"].startswith("bm_prefill"))
-    decode = next(r["tok/s"] for r in rows if r["name"].startswith("bm_decode"))
-    return prefill, decode
+    decode = next(r["tok/s"] for r in rows if "long_context:0" in r["name"])
+    if not long_context:
+        return prefill, decode
+    return prefill, decode, next(r["tok/s"] for r in rows if "long_context:1" in r["name"])
 
 
 def main():
@@ -141,22 +157,34 @@ def main():
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell (the median is printed)")
     parser.add_argument("--repetitions", type=int, default=3, help="llama-bench -r")
+    parser.add_argument("--long-context", action="store_true",
+                        help="also decode at context 1024 (llama-bench -d 960 -n 128)")
     args = parser.parse_args()
     files = model_files(args.llama_cpp, args.models)
     print(f"{'weights':7} {'thr':>3} | {'prefill 512 tok/s: llama.cpp':>28} {'ctformer':>9} {'ratio':>6} |"
-          f" {'decode tok/s: llama.cpp':>23} {'ctformer':>9} {'ratio':>6}", flush=True)
+          f" {'decode tok/s: llama.cpp':>23} {'ctformer':>9} {'ratio':>6}" +
+          (f" | {'decode ctx 1024: llama.cpp':>26} {'ctformer':>9} {'ratio':>6}" if args.long_context else ""),
+          flush=True)
     for fmt in args.formats.split(","):
         for threads in (int(t) for t in args.threads.split(",")):
             theirs, ours = [], []
             for _ in range(args.rounds):
-                theirs.append(llama_cpp(args.llama_cpp, files[fmt], threads, args.repetitions))
-                ours.append(ctformer(args.bench, fmt, threads))
-            lp, ld = (statistics.median(x[i] for x in theirs) for i in (0, 1))
-            cp, cd = (statistics.median(x[i] for x in ours) for i in (0, 1))
-            print(f"{fmt:7} {threads:3d} | {lp:28.1f} {cp:9.1f} {cp / lp:6.2f} | {ld:23.1f} {cd:9.1f} {cd / ld:6.2f}",
-                  flush=True)
-            rounds = "; ".join(f"{t[0]:.0f}/{o[0]:.0f}, {t[1]:.0f}/{o[1]:.0f}" for t, o in zip(theirs, ours))
-            print(f"{'':11} rounds (prefill llama.cpp/ctformer, decode llama.cpp/ctformer): {rounds}", flush=True)
+                mine = llama_cpp(args.llama_cpp, files[fmt], threads, args.repetitions)
+                if args.long_context:
+                    mine += (llama_cpp_long(args.llama_cpp, files[fmt], threads, args.repetitions),)
+                theirs.append(mine)
+                ours.append(ctformer(args.bench, fmt, threads, args.long_context))
+            columns = len(theirs[0])
+            lm = [statistics.median(x[i] for x in theirs) for i in range(columns)]
+            cm = [statistics.median(x[i] for x in ours) for i in range(columns)]
+            line = f"{fmt:7} {threads:3d} | {lm[0]:28.1f} {cm[0]:9.1f} {cm[0] / lm[0]:6.2f} |"
+            line += f" {lm[1]:23.1f} {cm[1]:9.1f} {cm[1] / lm[1]:6.2f}"
+            if args.long_context:
+                line += f" | {lm[2]:26.1f} {cm[2]:9.1f} {cm[2] / lm[2]:6.2f}"
+            print(line, flush=True)
+            rounds = "; ".join(", ".join(f"{t[i]:.0f}/{o[i]:.0f}" for i in range(columns)) for t, o in zip(theirs, ours))
+            label = "prefill, decode" + (", decode ctx 1024" if args.long_context else "")
+            print(f"{'':11} rounds ({label}; llama.cpp/ctformer): {rounds}", flush=True)
 
 
 if __name__ == "__main__":
