@@ -2,7 +2,9 @@
 # The test suite: installs dependencies, builds and runs every CPU test in the
 # native build, the kernel tests again in the portable (no SIMD flags) build,
 # compiles the AVX-512 kernel tests (and runs them where the CPU has AVX-512),
-# runs the bad-input tests under AddressSanitizer and UBSan,
+# compiles and runs the kernel and inference tests again in an AVX2 build
+# (the paths of CPUs without AVX-512), runs the bad-input tests under
+# AddressSanitizer and UBSan,
 # compiles every CUDA source for sm_80 and sm_90 (and runs the CUDA tests
 # where a GPU is present), and builds examples/consumer against an installed
 # ctformer.
@@ -33,6 +35,17 @@ if grep -q -w avx512f /proc/cpuinfo && grep -q -w avx512_bf16 /proc/cpuinfo; the
   ctest --test-dir "$build-avx512" --output-on-failure -j "$jobs" -R "$(echo $portable_targets | tr ' ' '|')"
 else
   echo "   this CPU has no AVX-512 (BF16): the AVX-512 tests were compiled, not run"
+fi
+
+echo "== AVX2 build: kernel and inference tests (the code paths of CPUs without AVX-512)"
+cmake -S . -B "$build-avx2" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=avx2 -DCTFORMER_ENABLE_CUDA=OFF \
+  -DCTFORMER_BUILD_BENCHMARKS=OFF -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
+avx2_targets="$portable_targets $(cd tests/unit && ls infer/test_*.cpp | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')"
+cmake --build "$build-avx2" -j "$jobs" --target $avx2_targets
+if grep -q -w avx2 /proc/cpuinfo && grep -q -w fma /proc/cpuinfo; then
+  ctest --test-dir "$build-avx2" --output-on-failure -j "$jobs" -R "^($(echo $avx2_targets | tr ' ' '|'))$"
+else
+  echo "   this CPU has no AVX2: the AVX2 tests were compiled, not run"
 fi
 
 echo "== AddressSanitizer + UBSan: the tests that feed bad input (io, infer, quant, compress, train)"
