@@ -256,4 +256,22 @@ TEST_CASE("packed-weight GEMV / GEMM and cached attention have no CUDA kernel ye
   });
 }
 
+// The compile-time questions a caller asks of a policy (inference_model
+// picks its weight layout and prefill GEMM from them) answer false on CUDA:
+// bf16-weight prefill keeps widening to fp32 and q8_0 stays row-major there,
+// until a CUDA hook says otherwise. The CPU hooks exist (so a misspelt hook
+// name cannot make the answers false), and on the host the bf16 cache's
+// query rounding follows the build's AVX512_BF16 flag.
+TEST_CASE("the compile-time kernel choices answer false on the CUDA policy", "[cuda][policy][cpu_only]") {
+  STATIC_REQUIRE_FALSE(ops::gemm_bf16_native<ctformer::cuda::par_t>);
+  STATIC_REQUIRE_FALSE(ops::interleave_q8_0<ctformer::cuda::par_t>);
+  STATIC_REQUIRE(requires { cpu::gemm_bf16_native_impl(static_cast<const cpu::par_t*>(nullptr)); });
+  STATIC_REQUIRE(requires { cpu::interleave_q8_0_impl(static_cast<const cpu::par_t*>(nullptr)); });
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  CHECK(cpu::bf16_cache_rounds_query(64));
+#else
+  CHECK_FALSE(cpu::bf16_cache_rounds_query(64));
+#endif
+}
+
 #endif
