@@ -286,9 +286,14 @@ class kv_cache {
   }
 
   /// The layout of one sequence in one layer, for the attention kernels:
-  /// readable positions [0, reserved(id)).
+  /// readable positions [0, reserved(id)). Throws invalid_input for a layer
+  /// outside [0, n_layer) or a sequence that is not open.
   kv_view<const element_type> view(index_t layer, sequence_id id) const {
-    return view_of(layer, at(id, "view"));
+    const sequence& s = at(id, "view");
+    if (layer < 0 || layer >= n_layer_)
+      throw invalid_input("ctformer::infer::kv_cache::view: layer " + std::to_string(layer) + " is outside [0, " +
+                          std::to_string(n_layer_) + ")");
+    return view_of(layer, s);
   }
 
   /// Key (or value) element of (layer, sequence, position, kv head, d) as

@@ -94,6 +94,9 @@ TEST_CASE("contiguous cache: slots, lengths and errors", "[infer][kv_cache]") {
   cache.set_length(a, 10);
   CHECK(cache.length(a) == 10);
   CHECK_THROWS_AS(cache.set_length(a, max_seq + 1), invalid_input);
+  // A layer outside the cache: a clear error, not a view past the storage.
+  CHECK_THROWS_WITH(cache.view(n_layer, a), Catch::Contains("layer " + std::to_string(n_layer)));
+  CHECK_THROWS_AS(cache.view(-1, a), invalid_input);
   cache.close_sequence(b);
   CHECK_THROWS_AS(cache.length(b), invalid_input);
   const auto c = cache.open_sequence();  // the freed slot is reused
