@@ -81,10 +81,10 @@ class cache_exhausted : public error {
 /// hardware prefetchers follow; a position-major block would be read as one
 /// 128-byte row per position stride and measured 2-3x slower from DRAM
 /// (Zen 4). A contiguous cache lays each sequence slot out the same way, in
-/// blocks of 64 positions (the attention kernels' tile), so a slot holds
-/// max_seq rounded up to a multiple of 64 positions: whole-slot head runs
-/// would make the per-tile reads jump between heads, and blocks of 8 or 16
-/// measured up to 1.5x slower for fp32 rows.
+/// blocks of 64 positions, so a slot holds max_seq rounded up to a multiple
+/// of 64 positions: whole-slot head runs would make the per-tile reads jump
+/// between heads, and 64 is the attention kernels' tile, so each tile of a
+/// contiguous cache is one segment of one block.
 /// Growing a sequence is reserve() (takes blocks) then write() of the new
 /// positions' rows then set_length(); kernels read it through view().
 /// @tparam Policy kv::contiguous<E> or kv::paged<BlockTokens, E>

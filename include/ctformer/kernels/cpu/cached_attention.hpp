@@ -159,13 +159,12 @@ inline void dot_bf16_native_8(const bf16* q, const bf16* const* rows, index_t d,
 /// Where a tile's positions live: the element offset of each position's
 /// kv head 0 row and (int8) the index of its scale; and the tile cut into
 /// segments, runs of positions inside one block ([segment_end[i - 1],
-/// segment_end[i]), from 0), which the kernel reads head by head, in the
-/// order a block lays them out.
+/// segment_end[i]), from 0, the last ending at the tile's end), which the
+/// kernel reads head by head, in the order a block lays them out.
 struct tile_slots {
   index_t slot[cached_attention_tile];
   index_t scale_slot[cached_attention_tile];
   index_t segment_end[cached_attention_tile];
-  index_t segments;
 };
 
 /// Fills `slots` for positions [p0, p0 + count) of kv.
@@ -178,19 +177,19 @@ void find_tile_slots(const kv_view<const E>& kv, index_t p0, index_t count, tile
   // keys (the scoring kernel's width) but at its end; other block sizes
   // would leave partial groups, so their tiles stay one segment.
   const bool segmented = kv.block_tokens % 8 == 0;
-  slots.segments = 0;
+  index_t segments = 0;
   for (index_t j = 0; j < count; ++j) {
     if (in_block == kv.block_tokens) {
       in_block = 0;
       ++block;
-      if (segmented) slots.segment_end[slots.segments++] = j;
+      if (segmented) slots.segment_end[segments++] = j;
     }
     const index_t physical = index_t(kv.block_table[block]);
     slots.slot[j] = physical * kv.block_stride + in_block * kv.token_stride;
     if constexpr (quantized) slots.scale_slot[j] = slots.slot[j] / kv.head_dim;
     ++in_block;
   }
-  slots.segment_end[slots.segments++] = count;
+  slots.segment_end[segments] = count;
 }
 
 /// One query's running softmax over heads [h0, h1): for each head i = h - h0,
