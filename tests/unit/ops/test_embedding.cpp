@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <random>
 #include <vector>
 
 #include "kernel_test_util.hpp"
@@ -57,6 +58,44 @@ TEMPLATE_LIST_TEST_CASE("embedding_backward scatter-adds, sums repeated tokens a
     for (index_t r : {0, 1, 3, 4, 6, 7})
       for (index_t j = 0; j < c; ++j) untouched &= dtable[r * c + j] == start[r * c + j];
     CHECK(untouched);
+  }
+}
+
+TEMPLATE_LIST_TEST_CASE("embedding_backward adds each token's rows in position order, the same bits every run",
+                        "[ops][embedding][determinism]", test_policies) {
+  // Both policies add a token's rows one by one in position order onto the
+  // accumulated value (the CPU splits channels over threads, CUDA groups the
+  // positions by token on the host): the result equals a float loop in that
+  // order exactly, and so does a second run. Tokens read through a stride-2
+  // view; 200 positions over 13 tokens, so each repeats about 15 times.
+  auto exec = make_policy<TestType>();
+  const index_t v = 13, c = 771, n = 200;
+  std::vector<std::int32_t> strided_tokens(std::size_t(2 * n), -7);  // the odd slots must not be read
+  std::mt19937 rng(3);
+  for (index_t i = 0; i < n; ++i) strided_tokens[std::size_t(2 * i)] = std::int32_t(rng() % v);
+  const auto dout = random_floats(std::size_t(n * c), 31);
+  const auto start = random_floats(std::size_t(v * c), 32);
+  auto tokd = upload(exec, strided_tokens);
+  const tensor_view<const std::int32_t, 1> tokens(tokd.data(), {n}, {2});
+  auto doutd = upload(exec, dout);
+  std::vector<float> ref = start;
+  for (index_t i = 0; i < n; ++i)
+    for (index_t j = 0; j < c; ++j) ref[std::size_t(strided_tokens[std::size_t(2 * i)] * c + j)] += dout[std::size_t(i * c + j)];
+  for (int run = 0; run < 2; ++run) {
+    CAPTURE(run);
+    auto dtabled = upload(exec, start);
+    ops::embedding_backward(exec, tokens, doutd.view(n, c), dtabled.view(v, c));
+    CHECK(download(exec, dtabled) == ref);
+  }
+
+  SECTION("a bad id anywhere leaves dtable as it was") {
+    strided_tokens[std::size_t(2 * (n - 1))] = std::int32_t(v);
+    auto bad_tokd = upload(exec, strided_tokens);
+    auto dtabled = upload(exec, start);
+    CHECK_THROWS_WITH(ops::embedding_backward(exec, tensor_view<const std::int32_t, 1>(bad_tokd.data(), {n}, {2}),
+                                              doutd.view(n, c), dtabled.view(v, c)),
+                      Catch::Contains("token id 13 at position 199"));
+    CHECK(download(exec, dtabled) == start);
   }
 }
 
