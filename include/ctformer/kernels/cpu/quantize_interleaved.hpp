@@ -60,11 +60,27 @@ float interleaved_row_dot(const quant::interleaved_matrix<Format>& w, index_t r,
 /// token's 4 matching bytes to the block's running sum `s`: 8 int32 lanes
 /// (VNNI, and q8_0 everywhere) or 16 int16 pairs widened at the end (q4_0 on
 /// AVX2).
+#if defined(CTFORMER_INTERLEAVED_VNNI)
+/// s + vpdpbusd(unsigned u, signed x). GCC 12 copies the accumulator of the
+/// intrinsic into a fresh register before each multiply-add and back after
+/// it (vpdpbusd overwrites its accumulator), which spilled the GEMM tile's
+/// sums to the stack; the asm names the accumulator as read-and-written, so
+/// it stays in one register. Clang allocates the intrinsic well.
+inline __m256i multiply_add_unsigned_signed(__m256i s, __m256i u, __m256i x) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(s) : "v"(u), "v"(x));
+  return s;
+#else
+  return _mm256_dpbusd_epi32(s, u, x);
+#endif
+}
+#endif
+
 template <class Format>
 inline __m256i add_chunk(__m256i s, __m256i quants, __m256i x4) {
   if constexpr (std::is_same_v<Format, quant::q4_0>) {
 #if defined(CTFORMER_INTERLEAVED_VNNI)
-    return _mm256_dpbusd_epi32(s, quants, x4);
+    return multiply_add_unsigned_signed(s, quants, x4);
 #else
     // q <= 15 and |x| <= 127: each int16 pair sum is at most 3810, eight of
     // them at most 30480, so adding in int16 cannot overflow.
@@ -75,7 +91,7 @@ inline __m256i add_chunk(__m256i s, __m256i quants, __m256i x4) {
     // quants holds q + 128 (chunk() flips the sign bit): vpdpbusd takes it as
     // unsigned and sums in int32 without saturating; finish_block removes
     // 128 sum x.
-    return _mm256_dpbusd_epi32(s, quants, x4);
+    return multiply_add_unsigned_signed(s, quants, x4);
 #else
     // |q|, |x| <= 127: a pair is at most 32258 and is widened at once.
     return _mm256_add_epi32(s, dot_s8_s8(quants, x4));
