@@ -10,7 +10,9 @@
 // threads, measured just before and just after that benchmark's timed steps
 // (the mean of the two: this VM's bandwidth drifts by tens of percent within
 // a run), divided by the bytes one decode step reads (packed weights + the
-// bf16 KV cache up to the context), and the ratio.
+// bf16 KV cache up to the context), and the ratio. The LLaMA shape's q8_0
+// and q4_0 decode also runs over an int8 cache (a scale per token and kv
+// head), the cache for long contexts.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -48,8 +50,10 @@ struct gpt2_small {
 
 // The KV cache in bf16, as llama.cpp's default F16 cache: the same bytes per element.
 using kv_policy = infer::kv::contiguous<bf16>;
-template <class Cfg, class Format>
-using model_for = infer::inference_model<Cfg, Format, kv_policy>;
+// Half the bytes per position (plus a 4-byte scale per row of 64).
+using int8_cache = infer::kv::contiguous<std::int8_t>;
+template <class Cfg, class Format, class KV = kv_policy>
+using model_for = infer::inference_model<Cfg, Format, KV>;
 
 /// The longest decode context benchmarked: 1024, or the last position the model has.
 template <class Cfg>
@@ -78,13 +82,13 @@ const std::vector<float>& random_parameters() {
   return params;
 }
 
-template <class Cfg, class Format>
-model_for<Cfg, Format>& model() {
-  static const std::unique_ptr<model_for<Cfg, Format>> m = [] {
+template <class Cfg, class Format, class KV = kv_policy>
+model_for<Cfg, Format, KV>& model() {
+  static const std::unique_ptr<model_for<Cfg, Format, KV>> m = [] {
     const auto& p = random_parameters<Cfg>();
-    return std::make_unique<model_for<Cfg, Format>>(tensor_view<const float, 1>(p.data(), {index_t(p.size())}),
-                                                    model_for<Cfg, Format>::parameter_table(), prompt_tokens,
-                                                    cpu::par.with_threads(2));
+    return std::make_unique<model_for<Cfg, Format, KV>>(tensor_view<const float, 1>(p.data(), {index_t(p.size())}),
+                                                        model_for<Cfg, Format, KV>::parameter_table(), prompt_tokens,
+                                                        cpu::par.with_threads(2));
   }();
   return *m;
 }
@@ -100,10 +104,10 @@ std::vector<std::int32_t> random_prompt(index_t n, int vocab) {
 /// One cache per shape for every decode benchmark, its sequence filled with
 /// random keys and values up to the longest context (the values do not change
 /// the work, and filling it directly saves a long prefill per format).
-template <class Cfg>
+template <class Cfg, class KV>
 struct decode_cache {
   static constexpr index_t head_dim = Cfg::d_model / Cfg::n_head;
-  infer::kv_cache<kv_policy> cache{Cfg::n_layer, Cfg::n_kv_head, head_dim, Cfg::max_seq, 1};
+  infer::kv_cache<KV> cache{Cfg::n_layer, Cfg::n_kv_head, head_dim, Cfg::max_seq, 1};
   infer::sequence_id seq = cache.open_sequence();
   decode_cache() {
     constexpr index_t context = long_context<Cfg>;
@@ -116,9 +120,9 @@ struct decode_cache {
     for (index_t l = 0; l < Cfg::n_layer; ++l) cache.write(l, seq, 0, kv, kv);
   }
 };
-template <class Cfg>
-decode_cache<Cfg>& shared_cache() {
-  static decode_cache<Cfg> c;
+template <class Cfg, class KV>
+decode_cache<Cfg, KV>& shared_cache() {
+  static decode_cache<Cfg, KV> c;
   return c;
 }
 
@@ -149,17 +153,20 @@ void bm_prefill(benchmark::State& state) {
 
 /// Decode steps at a fixed context: state.range(0) is 0 for context 128 and
 /// 1 for the shape's long context.
-template <class Cfg, class Format>
+template <class Cfg, class Format, class KV = kv_policy>
 void bm_decode(benchmark::State& state) {
   const index_t context = state.range(0) == 0 ? 128 : long_context<Cfg>;
   const int threads = int(state.range(1));
-  auto& m = model<Cfg, Format>();
+  auto& m = model<Cfg, Format, KV>();
   m.set_exec(cpu::par.with_threads(threads));
-  auto& c = shared_cache<Cfg>();
+  auto& c = shared_cache<Cfg, KV>();
   constexpr index_t d = Cfg::d_model / Cfg::n_head;
   // Bytes one step streams: every packed weight once, the keys and values of
-  // the context once per layer, and one embedding row.
-  const double kv_bytes = double(context + 1) * Cfg::n_layer * 2 * Cfg::n_kv_head * d * sizeof(bf16);
+  // the context once per layer (int8: with a float scale per row), and one
+  // embedding row.
+  using element = typename KV::element_type;
+  constexpr double row_bytes = d * sizeof(element) + (std::is_same_v<element, std::int8_t> ? sizeof(float) : 0);
+  const double kv_bytes = double(context + 1) * Cfg::n_layer * 2 * Cfg::n_kv_head * row_bytes;
   const double bytes = double(m.weight_bytes()) + kv_bytes + Cfg::d_model * sizeof(float);
   double seconds = 0;
   std::int64_t steps = 0;
@@ -198,6 +205,8 @@ BENCHMARK(bm_decode<llama_110m, quant::fp32>)->Apply(decode_args);
 BENCHMARK(bm_decode<llama_110m, quant::bf16_weights>)->Apply(decode_args);
 BENCHMARK(bm_decode<llama_110m, quant::q8_0>)->Apply(decode_args);
 BENCHMARK(bm_decode<llama_110m, quant::q4_0>)->Apply(decode_args);
+BENCHMARK(bm_decode<llama_110m, quant::q8_0, int8_cache>)->Apply(decode_args);
+BENCHMARK(bm_decode<llama_110m, quant::q4_0, int8_cache>)->Apply(decode_args);
 BENCHMARK(bm_prefill<llama_110m, quant::fp32>)->Apply(prefill_args);
 BENCHMARK(bm_prefill<llama_110m, quant::bf16_weights>)->Apply(prefill_args);
 BENCHMARK(bm_prefill<llama_110m, quant::q8_0>)->Apply(prefill_args);

@@ -18,7 +18,9 @@ namespace ctformer::ops {
 /// keys: nothing of size (T, start + T) is materialised.
 /// q: (T, H, D) fp32; out: (T, H, D) fp32; unit stride in D for both.
 /// A bf16 cache's scores use the query rounded to bf16 where the policy says
-/// so (cpu: bf16_cache_rounds_query(D), an AVX512_BF16 build with D % 32 == 0);
+/// so (cpu: bf16_cache_rounds_query(D), an AVX512_BF16 build with D % 32 == 0),
+/// an int8 cache's the query rounded to int8 per head (cpu:
+/// int8_cache_rounds_query(D), an AVX512_VNNI build with D % 64 == 0);
 /// otherwise every query element stays fp32.
 /// @tparam Element the cache's element type (float, bf16, std::int8_t)
 template <execution_policy P, view_of_rank<3> Q, class Element, view_of_rank<3> O>

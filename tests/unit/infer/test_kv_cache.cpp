@@ -355,6 +355,79 @@ TEST_CASE("a bf16 cache gives the values' exact attention at every head dimensio
   }
 }
 
+TEST_CASE("an int8 cache gives its stored values' exact attention, with the query rounded where the kernel rounds it",
+          "[infer][kv_cache][attention]") {
+  // An AVX512_VNNI build scores an int8 cache with the query rounded to int8
+  // per head (cpu::int8_cache_rounds_query: head_dim a multiple of 64) and
+  // widens values 16 at a time; other head dims and builds keep the fp32
+  // query. The reference reads the cache's own dequantized keys and values
+  // back and rounds the query the same way where the kernel does, so only the
+  // kernel's arithmetic differs from it: the integer dot products are exact,
+  // then fp32 products with the scales, fp32 value sums and the exp
+  // approximation. GQA, 300 keys (a decode step splits in two parts),
+  // 16-position blocks.
+  constexpr index_t n = 300, q_heads = 4, kv = 2;
+  for (const index_t d : {16, 48, 64, 128, 192}) {
+    for (const index_t t_len : {1, 5}) {
+      INFO("head_dim " << d << ", " << t_len << " queries");
+      const auto k = testing::random_floats(std::size_t(n * kv * d), 51, -0.5f, 0.5f);
+      const auto v = testing::random_floats(std::size_t(n * kv * d), 52);
+      const auto q = testing::random_floats(std::size_t(t_len * q_heads * d), 53, -0.5f, 0.5f);
+      infer::kv_cache<infer::kv::paged<16, std::int8_t>> cache(1, kv, d, n, n);
+      const auto s = cache.open_sequence();
+      cache.reserve(s, n);
+      cache.write(0, s, 0, tensor_view<const float, 3>(k.data(), {n, kv, d}),
+                  tensor_view<const float, 3>(v.data(), {n, kv, d}));
+      std::vector<float> out(q.size());
+      const float scale = 1.0f / std::sqrt(float(d));
+      ops::cached_attention(cpu::par.with_threads(2), tensor_view<const float, 3>(q.data(), {t_len, q_heads, d}),
+                            cache.view(0, s), tensor_view<float, 3>(out.data(), {t_len, q_heads, d}), n - t_len,
+                            scale);
+      const bool rounded = cpu::int8_cache_rounds_query(d);
+      double worst = 0, worst_against_fp32_query = 0;
+      for (index_t t = 0; t < t_len; ++t)
+        for (index_t h = 0; h < q_heads; ++h) {
+          const float* qh = q.data() + (t * q_heads + h) * d;
+          // The kernel's rounding: scale max|q| / 127, q * (127 / max|q|) to nearest even.
+          float largest = 0.0f;
+          for (index_t e = 0; e < d; ++e) largest = std::max(largest, std::fabs(qh[e]));
+          const float inverse = 127.0f / largest, query_scale = largest / 127.0f;
+          const index_t g = h / (q_heads / kv), keys = n - t_len + t + 1;
+          for (const bool as_kernel : {true, false}) {
+            std::vector<double> p(static_cast<std::size_t>(keys));
+            double m = -1e300, z = 0;
+            for (index_t j = 0; j < keys; ++j) {
+              double dot = 0;
+              for (index_t e = 0; e < d; ++e) {
+                const double qe = as_kernel && rounded ? std::nearbyint(qh[e] * inverse) * double(query_scale) : qh[e];
+                dot += qe * cache.key(0, s, j, g, e);
+              }
+              p[std::size_t(j)] = dot * scale;
+              m = std::max(m, p[std::size_t(j)]);
+            }
+            for (auto& x : p) z += (x = std::exp(x - m));
+            double& w = as_kernel ? worst : worst_against_fp32_query;
+            for (index_t e = 0; e < d; ++e) {
+              double acc = 0;
+              for (index_t j = 0; j < keys; ++j) acc += p[std::size_t(j)] * cache.value(0, s, j, g, e);
+              w = std::max(w, std::fabs(acc / z - double(out[std::size_t((t * q_heads + h) * d + e)])));
+            }
+          }
+        }
+      // fp32 products of exact integer dots with two scales, averages of 300
+      // values in [-1, 1] and the exp approximation: well under 1e-5.
+      CHECK(worst < 1e-5);
+      // Against the unrounded query: each element moves by at most
+      // max|q| / 254 <= 0.002, so a score by at most scale * d * 0.002 * 0.5
+      // (0.008 at d = 64, 0.014 at 192). The errors' signs are random, which
+      // makes the typical shift about sqrt(d) times smaller, and the outputs
+      // (averages of values in [-1, 1]) moved by under 1e-4 here. 1e-3 leaves
+      // a 10x margin; a wrong sign or scale moves them by 0.1 or more.
+      CHECK(worst_against_fp32_query < 1e-3);
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("a prefill query gets the bits it gets alone, whatever cache element type", "[infer][kv_cache][attention]",
                    float, bf16, std::int8_t) {
   // A prefill chunk's queries run in blocks of up to 8 that walk the cache's

@@ -272,6 +272,12 @@ TEST_CASE("the compile-time kernel choices answer false on the CUDA policy", "[c
 #else
   CHECK_FALSE(cpu::bf16_cache_rounds_query(64));
 #endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512F__)
+  CHECK(cpu::int8_cache_rounds_query(64));
+  CHECK_FALSE(cpu::int8_cache_rounds_query(48));
+#else
+  CHECK_FALSE(cpu::int8_cache_rounds_query(64));
+#endif
 }
 
 #endif

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -156,6 +157,104 @@ inline void dot_bf16_native_8(const bf16* q, const bf16* const* rows, index_t d,
 
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512F__)
+#define CTFORMER_ATTENTION_INT8_VNNI 1
+/// AVX512_VNNI builds score an int8 cache with vpdpbusd. The query is
+/// rounded to int8 once per head, with scale max|q| / 127 (llama.cpp
+/// likewise rounds a query to its q8_0 K cache's type). vpdpbusd multiplies
+/// unsigned by signed bytes, so the query is kept as |q| with q's signs put
+/// on the key: one masked subtraction per 64 key bytes. The cache clamps its
+/// values to [-127, 127], so the negation cannot overflow. One instruction
+/// then does 64 multiply-adds, where widening to fp32 takes three
+/// instructions per 8. The sums are exact integers, so a score does not
+/// depend on the order of summation.
+inline bool int8_native(index_t d) { return d % 64 == 0; }
+
+/// Bytes of one head's rounded query: d magnitudes, d / 8 bytes of sign bits
+/// (bit e of byte e / 8 set when element e is negative), the fp32 scale.
+inline index_t int8_query_bytes(index_t d) { return d + d / 8 + index_t(sizeof(float)); }
+
+/// s + vpdpbusd(u, x), 64 unsigned-by-signed byte products in 16 int32 lanes.
+/// Under GCC the instruction is written out (see quantize_interleaved.hpp's
+/// multiply_add_unsigned_signed): its intrinsic made GCC copy accumulators.
+inline __m512i multiply_add_unsigned_signed_64(__m512i s, __m512i u, __m512i x) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(s) : "v"(u), "v"(x));
+  return s;
+#else
+  return _mm512_dpbusd_epi32(s, u, x);
+#endif
+}
+
+/// Rounds one head's query q (d floats, d % 64 == 0) into `out`
+/// (int8_query_bytes(d)): to nearest, ties to even.
+inline void round_query_to_int8(const float* q, index_t d, std::uint8_t* out) {
+  __m512 largest = _mm512_setzero_ps();
+  for (index_t e = 0; e < d; e += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(q + e)));
+  const float amax = _mm512_reduce_max_ps(largest);
+  const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  std::uint8_t* signs = out + d;
+  for (index_t e = 0; e < d; e += 16) {
+    // |q| * 127 / max|q| <= 127 (up to rounding of the product, which the
+    // saturating conversion to bytes absorbs).
+    const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(q + e), inverse));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e), _mm512_cvtusepi32_epi8(_mm512_abs_epi32(rounded)));
+    const std::uint16_t negative = _mm512_movepi32_mask(rounded);
+    std::memcpy(signs + e / 8, &negative, sizeof negative);
+  }
+  const float scale = amax / 127.0f;
+  std::memcpy(signs + d / 8, &scale, sizeof scale);
+}
+
+/// accumulate_rows for int8 rows, 16 elements per instruction (the generic
+/// kernel widens 8), d % 64 == 0: each element still sums its rows in order
+/// with one fused multiply-add each, so the bits are the same.
+inline void accumulate_int8_rows_16(const float* p, const std::int8_t* const* rows, index_t count, index_t d,
+                                    float* acc) {
+  for (index_t c = 0; c < d; c += 64) {
+    __m512 a[4];
+    for (int v = 0; v < 4; ++v) a[v] = _mm512_loadu_ps(acc + c + 16 * v);
+    for (index_t j = 0; j < count; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      const std::int8_t* row = rows[j] + c;
+      for (int v = 0; v < 4; ++v) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * v));
+        a[v] = _mm512_fmadd_ps(pj, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), a[v]);
+      }
+    }
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(acc + c + 16 * v, a[v]);
+  }
+}
+
+/// Scores of 8 int8 keys against a rounded query: out[r] = q . rows[r] in
+/// the query's scale (the keys' scales are applied by the caller), d % 64 == 0.
+inline void dot_int8_native_8(const std::uint8_t* query, const std::int8_t* const* rows, index_t d, float* out) {
+  const std::uint8_t* signs = query + d;
+  __m512i acc[8];
+  for (int r = 0; r < 8; ++r) acc[r] = _mm512_setzero_si512();
+  for (index_t i = 0; i < d; i += 64) {
+    const __m512i magnitudes = _mm512_loadu_si512(query + i);
+    std::uint64_t bits;
+    std::memcpy(&bits, signs + i / 8, sizeof bits);
+    const __mmask64 negative = _cvtu64_mask64(bits);
+    for (int r = 0; r < 8; ++r) {
+      const __m512i k = _mm512_loadu_si512(rows[r] + i);
+      acc[r] = multiply_add_unsigned_signed_64(acc[r], magnitudes,
+                                               _mm512_mask_sub_epi8(k, negative, _mm512_setzero_si512(), k));
+    }
+  }
+  // Folded to 8 lanes and converted: each lane is an integer below 2^24 in
+  // magnitude for d < 1040, so the float sums of store_lane_sums_8 are exact.
+  __m256 h[8];
+  for (int r = 0; r < 8; ++r)
+    h[r] = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm512_castsi512_si256(acc[r]), _mm512_extracti64x4_epi64(acc[r], 1)));
+  store_lane_sums_8(h, out);
+  float scale;
+  std::memcpy(&scale, signs + d / 8, sizeof scale);
+  for (int r = 0; r < 8; ++r) out[r] *= scale;
+}
+#endif
+
 /// Where a tile's positions live: the element offset of each position's
 /// kv head 0 row and (int8) the index of its scale; and the tile cut into
 /// segments, runs of positions inside one block ([segment_end[i - 1],
@@ -229,7 +328,20 @@ bool reads_pairs(index_t d) {
 #endif
 }
 
-/// Starts a query: no keys seen; a bf16 cache's query permuted once.
+/// Whether a cache of element E and head dimension d is scored with the
+/// query rounded to int8 (an int8 cache on AVX512_VNNI, d % 64 == 0).
+template <class E>
+bool rounds_query_to_int8(index_t d) {
+#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+  return std::is_same_v<E, std::int8_t> && int8_native(d);
+#else
+  (void)d;
+  return false;
+#endif
+}
+
+/// Starts a query: no keys seen; a bf16 cache's query permuted once, an
+/// int8 cache's rounded to int8 once.
 template <class E>
 void begin_query(query_state& st, index_t h0, index_t h1, index_t d) {
   const index_t heads = h1 - h0;
@@ -238,6 +350,12 @@ void begin_query(query_state& st, index_t h0, index_t h1, index_t d) {
     st.sum[i] = 0.0f;
   }
   for (index_t i = 0; i < heads * d; ++i) st.acc[i] = 0.0f;
+#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+  if (rounds_query_to_int8<E>(d))  // int8_query_bytes(d) <= 4 d: fits paired_q's d floats per head
+    for (index_t i = 0; i < heads; ++i)
+      round_query_to_int8(st.q + (h0 + i) * d, d,
+                          reinterpret_cast<std::uint8_t*>(st.paired_q) + i * int8_query_bytes(d));
+#endif
 #if defined(CTFORMER_ATTENTION_AVX512_BF16)
   if (reads_pairs<E>(d)) {
     bf16* rounded = reinterpret_cast<bf16*>(st.paired_q);
@@ -322,6 +440,9 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
   constexpr bool may_pair = std::is_same_v<E, bf16>;
   const bool paired = reads_pairs<E>(d);
 #endif
+#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+  const bool int8_query = rounds_query_to_int8<E>(d);
+#endif
   // Scores of head h for keys [key, key + 8) of a segment; rows past `valid`
   // repeat the segment's last key and their scores are dropped, so every
   // score comes from the same vector kernel.
@@ -330,27 +451,47 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
     const E* rows[8];
     for (index_t r = 0; r < 8; ++r) rows[r] = kv.k + slot[key + std::min(r, valid - 1)] + g * kv.head_stride;
     float dots[8];
+    // The query's form for this cache: bf16 pairs or bf16-rounded (bf16
+    // caches), int8-rounded (int8 caches on VNNI), else fp32 as it is.
+    bool scored = false;
+#if defined(CTFORMER_CPU_AVX2)
+    if constexpr (may_pair) {
+      if (paired) {
 #if defined(CTFORMER_ATTENTION_AVX512_BF16)
-    if constexpr (may_pair) {
-      if (paired) dot_bf16_native_8(reinterpret_cast<const bf16*>(st.paired_q) + (h - h0) * d, rows, d, dots);
-      else dot_kv_8(q + h * d, rows, d, dots);
-    } else {
-      dot_kv_8(q + h * d, rows, d, dots);
-    }
-#elif defined(CTFORMER_CPU_AVX2)
-    if constexpr (may_pair) {
-      if (paired) dot_bf16_pairs_8(st.paired_q + (h - h0) * d, rows, d, dots);
-      else dot_kv_8(q + h * d, rows, d, dots);
-    } else {
-      dot_kv_8(q + h * d, rows, d, dots);
-    }
+        dot_bf16_native_8(reinterpret_cast<const bf16*>(st.paired_q) + (h - h0) * d, rows, d, dots);
 #else
-    dot_kv_8(q + h * d, rows, d, dots);
+        dot_bf16_pairs_8(st.paired_q + (h - h0) * d, rows, d, dots);
+#endif
+        scored = true;
+      }
+    }
+#endif
+#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+    if constexpr (quantized) {
+      if (int8_query) {
+        dot_int8_native_8(reinterpret_cast<const std::uint8_t*>(st.paired_q) + (h - h0) * int8_query_bytes(d), rows,
+                          d, dots);
+        scored = true;
+      }
+    }
+#endif
+    if (!scored) dot_kv_8(q + h * d, rows, d, dots);
+    float* out = scores + (h - h0) * tile + key;
+#if defined(CTFORMER_CPU_AVX2)
+    // Eight keys whose scales lie side by side (one block's run, as every
+    // group of a segment is): the same products, eight at a time.
+    if (valid == 8 && (!quantized || scale_slot[key + 7] - scale_slot[key] == 7)) {
+      __m256 product = _mm256_mul_ps(_mm256_loadu_ps(dots), _mm256_set1_ps(scale));
+      if constexpr (quantized)
+        product = _mm256_mul_ps(product, _mm256_loadu_ps(kv.k_scale + scale_slot[key] + g * scale_head_stride));
+      _mm256_storeu_ps(out, product);
+      return;
+    }
 #endif
     for (index_t r = 0; r < valid; ++r) {
       float score = dots[r] * scale;
       if constexpr (quantized) score *= kv.k_scale[scale_slot[key + r] + g * scale_head_stride];
-      scores[(h - h0) * tile + key + r] = score;
+      out[r] = score;
     }
   };
   // slots may cover more positions than count (a prefill block's earlier
@@ -369,9 +510,22 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
   }
   for (index_t i = 0; i < heads; ++i) tile_softmax(st, i, count, d);
   if constexpr (quantized)
-    for (index_t h = h0; h < h1; ++h)
-      for (index_t r = 0; r < count; ++r)
-        scores[(h - h0) * tile + r] *= kv.v_scale[scale_slot[r] + (h / group) * scale_head_stride];
+    for (index_t s = 0, begin = 0; begin < count; begin = slots.segment_end[s++]) {
+      // A segment's scales lie side by side (a run inside one block) unless
+      // the blocks are not a multiple of 8 (then a tile is one segment).
+      const index_t end = std::min(slots.segment_end[s], count);
+      const bool side_by_side = scale_slot[end - 1] - scale_slot[begin] == end - 1 - begin;
+      for (index_t h = h0; h < h1; ++h) {
+        float* p = scores + (h - h0) * tile;
+        const index_t offset = (h / group) * scale_head_stride;
+        if (side_by_side) {
+          const float* v_scale = kv.v_scale + scale_slot[begin] + offset - begin;
+          for (index_t r = begin; r < end; ++r) p[r] *= v_scale[r];
+        } else {
+          for (index_t r = begin; r < end; ++r) p[r] *= kv.v_scale[scale_slot[r] + offset];
+        }
+      }
+    }
   // Values, segment by segment and head by head, each head's accumulator in
   // registers across a segment.
   const E* rows[tile];
@@ -393,6 +547,14 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
       if constexpr (may_pair) {
         if (paired) {
           accumulate_bf16_rows<f32x8>(p, rows, end - begin, d, acc);
+          continue;
+        }
+      }
+#endif
+#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+      if constexpr (quantized) {
+        if (int8_query) {
+          accumulate_int8_rows_16(p, rows, end - begin, d, acc);
           continue;
         }
       }
@@ -456,6 +618,20 @@ void attend_queries(query_state* states, const index_t* key_ends, index_t querie
 inline bool bf16_cache_rounds_query(index_t d) {
 #if defined(CTFORMER_ATTENTION_AVX512_BF16)
   return detail::bf16_native(d);
+#else
+  (void)d;
+  return false;
+#endif
+}
+
+/// Whether this build scores an int8 cache of head dimension d with the
+/// query rounded to int8 per head (scale max|q| / 127, each element
+/// q * (127 / max|q|) rounded to nearest, ties to even: an AVX512_VNNI build
+/// and d % 64 == 0); false where the query stays fp32. Tests and callers that
+/// reproduce the scores need it.
+inline bool int8_cache_rounds_query(index_t d) {
+#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+  return detail::int8_native(d);
 #else
   (void)d;
   return false;
