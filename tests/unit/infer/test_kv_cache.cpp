@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "ctformer/ctformer.hpp"
@@ -297,24 +298,64 @@ TEST_CASE("cached attention takes head dimensions past 512", "[infer][kv_cache][
   CHECK(worst < 1e-5);
 }
 
-TEST_CASE("a bf16 cache gives the values' exact attention at every head dimension the kernel splits differently",
-          "[infer][kv_cache][attention]") {
+namespace {
+
+/// The largest |out - exact| over t_len queries at positions n - t_len ..
+/// n - 1 (q_heads heads on kv kv heads, head_dim d), where exact is attention
+/// in double over the cache's own stored keys and values of sequence s, with
+/// each query element passed through query_value(element) first.
+template <class Policy, class QueryValue>
+double worst_against_stored_values(const infer::kv_cache<Policy>& cache, infer::sequence_id s,
+                                   const std::vector<float>& q, const std::vector<float>& out, index_t n,
+                                   index_t t_len, index_t q_heads, index_t kv, index_t d, float scale,
+                                   QueryValue query_value) {
+  double worst = 0;
+  for (index_t t = 0; t < t_len; ++t)
+    for (index_t h = 0; h < q_heads; ++h) {
+      const float* qh = q.data() + (t * q_heads + h) * d;
+      const index_t g = h / (q_heads / kv), keys = n - t_len + t + 1;
+      std::vector<double> p(static_cast<std::size_t>(keys));
+      double m = -1e300, z = 0;
+      for (index_t j = 0; j < keys; ++j) {
+        double dot = 0;
+        for (index_t e = 0; e < d; ++e) dot += query_value(qh, e) * cache.key(0, s, j, g, e);
+        p[std::size_t(j)] = dot * scale;
+        m = std::max(m, p[std::size_t(j)]);
+      }
+      for (auto& x : p) z += (x = std::exp(x - m));
+      for (index_t e = 0; e < d; ++e) {
+        double acc = 0;
+        for (index_t j = 0; j < keys; ++j) acc += p[std::size_t(j)] * cache.value(0, s, j, g, e);
+        worst = std::max(worst, std::fabs(acc / z - double(out[std::size_t((t * q_heads + h) * d + e)])));
+      }
+    }
+  return worst;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("a bf16 or int8 cache gives its stored values' exact attention at every head dimension the "
+                   "kernel splits differently", "[infer][kv_cache][attention]", bf16, std::int8_t) {
   // bf16 rows with head_dim a multiple of 16 (AVX2; 32 with AVX512_BF16) are
   // read as even/odd pairs (accumulator chunks of 16, 32, 48 and 64
-  // elements); other head dims take the 8-wide path. The reference reads the
-  // cache's own bf16 values back, and the query rounded to bf16 where the
-  // kernel rounds it (cpu::bf16_cache_rounds_query), so only the kernel's fp32
-  // arithmetic differs from it. GQA (4 query heads on
-  // 2 kv heads), 300 keys: a decode step splits into two 256-key parts, and
-  // every tile ends part-full somewhere.
+  // elements); an AVX512_VNNI build scores int8 rows with head_dim a
+  // multiple of 64 by vpdpbusd and widens their values 16 at a time; other
+  // head dims take the 8-wide paths. The reference reads the cache's own
+  // values back, with the query rounded where the kernel rounds it
+  // (cpu::bf16_cache_rounds_query: to bf16; cpu::int8_cache_rounds_query: to
+  // int8 per head, scale max|q| / 127, q * (127 / max|q|) to nearest even),
+  // so only the kernel's fp32 arithmetic differs from it. GQA (4 query heads
+  // on 2 kv heads), 300 keys: a decode step splits into two 256-key parts,
+  // and every tile ends part-full somewhere.
+  constexpr bool int8 = std::is_same_v<TestType, std::int8_t>;
   constexpr index_t n = 300, q_heads = 4, kv = 2;
-  for (const index_t d : {8, 24, 48, 64, 80, 144}) {
+  for (const index_t d : {8, 16, 24, 48, 64, 80, 128, 144, 192}) {
     for (const index_t t_len : {1, 5}) {
       INFO("head_dim " << d << ", " << t_len << " queries");
       const auto k = testing::random_floats(std::size_t(n * kv * d), 41, -0.5f, 0.5f);
       const auto v = testing::random_floats(std::size_t(n * kv * d), 42);
       const auto q = testing::random_floats(std::size_t(t_len * q_heads * d), 43, -0.5f, 0.5f);
-      infer::kv_cache<infer::kv::paged<16, bf16>> cache(1, kv, d, n, n);
+      infer::kv_cache<infer::kv::paged<16, TestType>> cache(1, kv, d, n, n);
       const auto s = cache.open_sequence();
       cache.reserve(s, n);
       cache.write(0, s, 0, tensor_view<const float, 3>(k.data(), {n, kv, d}),
@@ -324,106 +365,30 @@ TEST_CASE("a bf16 cache gives the values' exact attention at every head dimensio
       ops::cached_attention(cpu::par.with_threads(2), tensor_view<const float, 3>(q.data(), {t_len, q_heads, d}),
                             cache.view(0, s), tensor_view<float, 3>(out.data(), {t_len, q_heads, d}), n - t_len,
                             scale);
-      const bool rounded = cpu::bf16_cache_rounds_query(d);
-      double worst = 0;
-      for (index_t t = 0; t < t_len; ++t)
-        for (index_t h = 0; h < q_heads; ++h) {
-          const index_t g = h / (q_heads / kv), keys = n - t_len + t + 1;
-          std::vector<double> p(static_cast<std::size_t>(keys));
-          double m = -1e300, z = 0;
-          for (index_t j = 0; j < keys; ++j) {
-            double dot = 0;
-            for (index_t e = 0; e < d; ++e) {
-              const float qe = q[std::size_t((t * q_heads + h) * d + e)];
-              dot += double(rounded ? float(bf16(qe)) : qe) * cache.key(0, s, j, g, e);
-            }
-            p[std::size_t(j)] = dot * scale;
-            m = std::max(m, p[std::size_t(j)]);
-          }
-          for (auto& x : p) z += (x = std::exp(x - m));
-          for (index_t e = 0; e < d; ++e) {
-            double acc = 0;
-            for (index_t j = 0; j < keys; ++j) acc += p[std::size_t(j)] * cache.value(0, s, j, g, e);
-            worst = std::max(worst, std::fabs(acc / z - double(out[std::size_t((t * q_heads + h) * d + e)])));
-          }
-        }
-      // fp32 dots of at most 144 terms of size <= 0.25 and averages of 300
-      // values in [-1, 1], with the kernel's exp approximation (relative error
-      // about 1e-7): well under 1e-5.
-      CHECK(worst < 1e-5);
-    }
-  }
-}
-
-TEST_CASE("an int8 cache gives its stored values' exact attention, with the query rounded where the kernel rounds it",
-          "[infer][kv_cache][attention]") {
-  // An AVX512_VNNI build scores an int8 cache with the query rounded to int8
-  // per head (cpu::int8_cache_rounds_query: head_dim a multiple of 64) and
-  // widens values 16 at a time; other head dims and builds keep the fp32
-  // query. The reference reads the cache's own dequantized keys and values
-  // back and rounds the query the same way where the kernel does, so only the
-  // kernel's arithmetic differs from it: the integer dot products are exact,
-  // then fp32 products with the scales, fp32 value sums and the exp
-  // approximation. GQA, 300 keys (a decode step splits in two parts),
-  // 16-position blocks.
-  constexpr index_t n = 300, q_heads = 4, kv = 2;
-  for (const index_t d : {16, 48, 64, 128, 192}) {
-    for (const index_t t_len : {1, 5}) {
-      INFO("head_dim " << d << ", " << t_len << " queries");
-      const auto k = testing::random_floats(std::size_t(n * kv * d), 51, -0.5f, 0.5f);
-      const auto v = testing::random_floats(std::size_t(n * kv * d), 52);
-      const auto q = testing::random_floats(std::size_t(t_len * q_heads * d), 53, -0.5f, 0.5f);
-      infer::kv_cache<infer::kv::paged<16, std::int8_t>> cache(1, kv, d, n, n);
-      const auto s = cache.open_sequence();
-      cache.reserve(s, n);
-      cache.write(0, s, 0, tensor_view<const float, 3>(k.data(), {n, kv, d}),
-                  tensor_view<const float, 3>(v.data(), {n, kv, d}));
-      std::vector<float> out(q.size());
-      const float scale = 1.0f / std::sqrt(float(d));
-      ops::cached_attention(cpu::par.with_threads(2), tensor_view<const float, 3>(q.data(), {t_len, q_heads, d}),
-                            cache.view(0, s), tensor_view<float, 3>(out.data(), {t_len, q_heads, d}), n - t_len,
-                            scale);
-      const bool rounded = cpu::int8_cache_rounds_query(d);
-      double worst = 0, worst_against_fp32_query = 0;
-      for (index_t t = 0; t < t_len; ++t)
-        for (index_t h = 0; h < q_heads; ++h) {
-          const float* qh = q.data() + (t * q_heads + h) * d;
-          // The kernel's rounding: scale max|q| / 127, q * (127 / max|q|) to nearest even.
-          float largest = 0.0f;
-          for (index_t e = 0; e < d; ++e) largest = std::max(largest, std::fabs(qh[e]));
-          const float inverse = 127.0f / largest, query_scale = largest / 127.0f;
-          const index_t g = h / (q_heads / kv), keys = n - t_len + t + 1;
-          for (const bool as_kernel : {true, false}) {
-            std::vector<double> p(static_cast<std::size_t>(keys));
-            double m = -1e300, z = 0;
-            for (index_t j = 0; j < keys; ++j) {
-              double dot = 0;
-              for (index_t e = 0; e < d; ++e) {
-                const double qe = as_kernel && rounded ? std::nearbyint(qh[e] * inverse) * double(query_scale) : qh[e];
-                dot += qe * cache.key(0, s, j, g, e);
-              }
-              p[std::size_t(j)] = dot * scale;
-              m = std::max(m, p[std::size_t(j)]);
-            }
-            for (auto& x : p) z += (x = std::exp(x - m));
-            double& w = as_kernel ? worst : worst_against_fp32_query;
-            for (index_t e = 0; e < d; ++e) {
-              double acc = 0;
-              for (index_t j = 0; j < keys; ++j) acc += p[std::size_t(j)] * cache.value(0, s, j, g, e);
-              w = std::max(w, std::fabs(acc / z - double(out[std::size_t((t * q_heads + h) * d + e)])));
-            }
-          }
-        }
-      // fp32 products of exact integer dots with two scales, averages of 300
-      // values in [-1, 1] and the exp approximation: well under 1e-5.
-      CHECK(worst < 1e-5);
-      // Against the unrounded query: each element moves by at most
-      // max|q| / 254 <= 0.002, so a score by at most scale * d * 0.002 * 0.5
-      // (0.008 at d = 64, 0.014 at 192). The errors' signs are random, which
-      // makes the typical shift about sqrt(d) times smaller, and the outputs
-      // (averages of values in [-1, 1]) moved by under 1e-4 here. 1e-3 leaves
-      // a 10x margin; a wrong sign or scale moves them by 0.1 or more.
-      CHECK(worst_against_fp32_query < 1e-3);
+      const bool rounded = int8 ? cpu::int8_cache_rounds_query(d) : cpu::bf16_cache_rounds_query(d);
+      const auto as_kernel = [&](const float* qh, index_t e) {
+        if (!rounded) return double(qh[e]);
+        if constexpr (!int8) return double(float(bf16(qh[e])));
+        float largest = 0.0f;  // recomputed per element: a test need not be fast
+        for (index_t i = 0; i < d; ++i) largest = std::max(largest, std::fabs(qh[i]));
+        return std::nearbyint(qh[e] * (127.0f / largest)) * double(largest / 127.0f);
+      };
+      // fp32 dots of at most 192 terms of size <= 0.25 (int8: exact integer
+      // dots, then fp32 products with two scales) and averages of 300 values
+      // in [-1, 1], with the kernel's exp approximation (relative error about
+      // 1e-7): well under 1e-5.
+      CHECK(worst_against_stored_values(cache, s, q, out, n, t_len, q_heads, kv, d, scale, as_kernel) < 1e-5);
+      if constexpr (int8) {
+        // Against the unrounded query: each element moves by at most
+        // max|q| / 254 <= 0.002, so a score by at most scale * d * 0.002 * 0.5
+        // (0.008 at d = 64, 0.014 at 192). The errors' signs are random,
+        // which makes the typical shift about sqrt(d) times smaller, and the
+        // outputs (averages of values in [-1, 1]) moved by under 1e-4 here.
+        // 1e-3 leaves a 10x margin; a wrong sign or scale moves them by 0.1
+        // or more.
+        const auto unrounded = [](const float* qh, index_t e) { return double(qh[e]); };
+        CHECK(worst_against_stored_values(cache, s, q, out, n, t_len, q_heads, kv, d, scale, unrounded) < 1e-3);
+      }
     }
   }
 }

@@ -13,6 +13,7 @@
 #include "ctformer/core/kv_view.hpp"
 #include "ctformer/kernels/cpu/detail/attention_rows.hpp"
 #include "ctformer/kernels/cpu/detail/vector_math.hpp"
+#include "ctformer/kernels/cpu/detail/vnni.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::cpu {
@@ -174,18 +175,6 @@ inline bool int8_native(index_t d) { return d % 64 == 0; }
 /// (bit e of byte e / 8 set when element e is negative), the fp32 scale.
 inline index_t int8_query_bytes(index_t d) { return d + d / 8 + index_t(sizeof(float)); }
 
-/// s + vpdpbusd(u, x), 64 unsigned-by-signed byte products in 16 int32 lanes.
-/// Under GCC the instruction is written out (see quantize_interleaved.hpp's
-/// multiply_add_unsigned_signed): its intrinsic made GCC copy accumulators.
-inline __m512i multiply_add_unsigned_signed_64(__m512i s, __m512i u, __m512i x) {
-#if defined(__GNUC__) && !defined(__clang__)
-  asm("vpdpbusd %2, %1, %0" : "+v"(s) : "v"(u), "v"(x));
-  return s;
-#else
-  return _mm512_dpbusd_epi32(s, u, x);
-#endif
-}
-
 /// Rounds one head's query q (d floats, d % 64 == 0) into `out`
 /// (int8_query_bytes(d)): to nearest, ties to even.
 inline void round_query_to_int8(const float* q, index_t d, std::uint8_t* out) {
@@ -239,7 +228,7 @@ inline void dot_int8_native_8(const std::uint8_t* query, const std::int8_t* cons
     const __mmask64 negative = _cvtu64_mask64(bits);
     for (int r = 0; r < 8; ++r) {
       const __m512i k = _mm512_loadu_si512(rows[r] + i);
-      acc[r] = multiply_add_unsigned_signed_64(acc[r], magnitudes,
+      acc[r] = multiply_add_unsigned_signed(acc[r], magnitudes,
                                                _mm512_mask_sub_epi8(k, negative, _mm512_setzero_si512(), k));
     }
   }

@@ -17,6 +17,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ctformer/kernels/cpu/detail/vnni.hpp"
 #include "ctformer/kernels/cpu/quantize.hpp"
 #include "ctformer/quant/interleaved_matrix.hpp"
 
@@ -60,22 +61,6 @@ float interleaved_row_dot(const quant::interleaved_matrix<Format>& w, index_t r,
 /// token's 4 matching bytes to the block's running sum `s`: 8 int32 lanes
 /// (VNNI, and q8_0 everywhere) or 16 int16 pairs widened at the end (q4_0 on
 /// AVX2).
-#if defined(CTFORMER_INTERLEAVED_VNNI)
-/// s + vpdpbusd(unsigned u, signed x). GCC 12 copies the accumulator of the
-/// intrinsic into a fresh register before each multiply-add and back after
-/// it (vpdpbusd overwrites its accumulator), which spilled the GEMM tile's
-/// sums to the stack; the asm names the accumulator as read-and-written, so
-/// it stays in one register. Clang allocates the intrinsic well.
-inline __m256i multiply_add_unsigned_signed(__m256i s, __m256i u, __m256i x) {
-#if defined(__GNUC__) && !defined(__clang__)
-  asm("vpdpbusd %2, %1, %0" : "+v"(s) : "v"(u), "v"(x));
-  return s;
-#else
-  return _mm256_dpbusd_epi32(s, u, x);
-#endif
-}
-#endif
-
 template <class Format>
 inline __m256i add_chunk(__m256i s, __m256i quants, __m256i x4) {
   if constexpr (std::is_same_v<Format, quant::q4_0>) {
