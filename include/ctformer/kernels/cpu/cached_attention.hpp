@@ -432,6 +432,13 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
 #if defined(CTFORMER_ATTENTION_INT8_VNNI)
   const bool int8_query = rounds_query_to_int8<E>(d);
 #endif
+  // Whether each segment lies inside one block (find_tile_slots cuts tiles
+  // at block edges when blocks hold a multiple of 8 positions): then its
+  // positions' scales lie side by side. A tile of other blocks is one
+  // segment across several, and its scales are read one by one. (Comparing
+  // a run's first and last scale index is not enough: blocks out of order
+  // can add up to the same distance.)
+  const bool segments_in_one_block = kv.block_tokens % 8 == 0;
   // Scores of head h for keys [key, key + 8) of a segment; rows past `valid`
   // repeat the segment's last key and their scores are dropped, so every
   // score comes from the same vector kernel.
@@ -467,9 +474,9 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
     if (!scored) dot_kv_8(q + h * d, rows, d, dots);
     float* out = scores + (h - h0) * tile + key;
 #if defined(CTFORMER_CPU_AVX2)
-    // Eight keys whose scales lie side by side (one block's run, as every
-    // group of a segment is): the same products, eight at a time.
-    if (valid == 8 && (!quantized || scale_slot[key + 7] - scale_slot[key] == 7)) {
+    // Eight keys whose scales lie side by side (inside one block): the same
+    // products, eight at a time.
+    if (valid == 8 && (!quantized || segments_in_one_block)) {
       __m256 product = _mm256_mul_ps(_mm256_loadu_ps(dots), _mm256_set1_ps(scale));
       if constexpr (quantized)
         product = _mm256_mul_ps(product, _mm256_loadu_ps(kv.k_scale + scale_slot[key] + g * scale_head_stride));
@@ -500,14 +507,11 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
   for (index_t i = 0; i < heads; ++i) tile_softmax(st, i, count, d);
   if constexpr (quantized)
     for (index_t s = 0, begin = 0; begin < count; begin = slots.segment_end[s++]) {
-      // A segment's scales lie side by side (a run inside one block) unless
-      // the blocks are not a multiple of 8 (then a tile is one segment).
       const index_t end = std::min(slots.segment_end[s], count);
-      const bool side_by_side = scale_slot[end - 1] - scale_slot[begin] == end - 1 - begin;
       for (index_t h = h0; h < h1; ++h) {
         float* p = scores + (h - h0) * tile;
         const index_t offset = (h / group) * scale_head_stride;
-        if (side_by_side) {
+        if (segments_in_one_block) {
           const float* v_scale = kv.v_scale + scale_slot[begin] + offset - begin;
           for (index_t r = begin; r < end; ++r) p[r] *= v_scale[r];
         } else {
