@@ -465,10 +465,9 @@ namespace {
 /// queries attended as one prefill chunk and the last one again as a decode
 /// step: both outputs, concatenated.
 template <class Policy>
-std::vector<float> attend_layout(infer::kv_cache<Policy>& cache, const std::vector<float>& k,
+std::vector<float> attend_layout(infer::kv_cache<Policy>& cache, infer::sequence_id seq, const std::vector<float>& k,
                                  const std::vector<float>& v, const std::vector<float>& q, index_t n, index_t t_len,
                                  index_t kv, index_t h, index_t d) {
-  const auto seq = cache.open_sequence();
   cache.reserve(seq, n);
   for (index_t s = 0; s < n; s += 7) {
     const index_t m = std::min<index_t>(7, n - s);
@@ -487,7 +486,39 @@ std::vector<float> attend_layout(infer::kv_cache<Policy>& cache, const std::vect
   return out;
 }
 
+/// The same in a fresh sequence.
+template <class Policy>
+std::vector<float> attend_layout(infer::kv_cache<Policy>& cache, const std::vector<float>& k,
+                                 const std::vector<float>& v, const std::vector<float>& q, index_t n, index_t t_len,
+                                 index_t kv, index_t h, index_t d) {
+  return attend_layout(cache, cache.open_sequence(), k, v, q, n, t_len, kv, h, d);
+}
+
 }  // namespace
+
+TEST_CASE("an int8 cache reads each position's scale when a tile spans blocks out of order",
+          "[infer][kv_cache][attention]") {
+  // Blocks of 5 positions (not a multiple of 8, so a 64-key tile is one
+  // segment across 13 blocks) and one kv head. The sequence gets blocks 0,
+  // 2, 1, 3, ..., 12: the first tile's first and last scale indices are 63
+  // apart, as if its 64 scales lay side by side, but positions 5-14 are in
+  // swapped blocks. The kernel must take each position's own scale: the
+  // contiguous cache's bits, prefill and decode.
+  constexpr index_t kv = 1, h = 2, d = 64, n = 70, t_len = 3;
+  const auto k = testing::random_floats(std::size_t(n * kv * d), 61, -2.0f, 2.0f);
+  const auto v = testing::random_floats(std::size_t(n * kv * d), 62);
+  const auto q = testing::random_floats(std::size_t(t_len * h * d), 63, -2.0f, 2.0f);
+  infer::kv_cache<infer::kv::contiguous<std::int8_t>> contiguous(1, kv, d, n, 1);
+  infer::kv_cache<infer::kv::paged<5, std::int8_t>> paged(1, kv, d, n, 100);
+  const auto seq = paged.open_sequence();
+  paged.reserve(seq, 5);   // block 0
+  const auto other = paged.open_sequence();
+  paged.reserve(other, 5);  // block 1
+  paged.reserve(seq, 10);   // block 2
+  paged.close_sequence(other);
+  paged.reserve(seq, 15);   // block 1 again, then 3, 4, ... below
+  CHECK(attend_layout(paged, seq, k, v, q, n, t_len, kv, h, d) == attend_layout(contiguous, k, v, q, n, t_len, kv, h, d));
+}
 
 TEMPLATE_TEST_CASE("cached attention gives the same bits for every block size and the contiguous layout",
                    "[infer][kv_cache][attention]", float, bf16, std::int8_t) {
