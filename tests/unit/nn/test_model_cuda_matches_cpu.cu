@@ -12,7 +12,6 @@
 #include <vector>
 
 #include "ctformer/nn/nn.hpp"
-#include "../../support/test_support.hpp"
 
 using namespace ctformer;
 
@@ -52,6 +51,19 @@ double worst_scaled_difference(const std::vector<float>& a, const std::vector<fl
   return largest > 0 ? worst / largest : worst;
 }
 
+/// Checks every parameter's gradient tensor of the two models against each
+/// other, each within `tolerance` of its own largest host value.
+template <class HostModel, class DeviceModel>
+void check_gradients(HostModel& host_model, DeviceModel& device_model, double tolerance) {
+  const index_t count = host_model.parameter_count();
+  const std::vector<float> host_gradients(host_model.gradients().data(), host_model.gradients().data() + count);
+  const std::vector<float> device_gradients = to_host(as_const(device_model.gradients()));
+  for (const auto& p : host_model.parameter_table()) {
+    INFO("gradient of " << p.name);
+    CHECK(worst_scaled_difference(device_gradients, host_gradients, p.offset, p.size()) <= tolerance);
+  }
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("the model on cuda::par matches the model on cpu::par", "[nn][model][cuda]", gpt_small_test,
@@ -84,13 +96,7 @@ TEMPLATE_TEST_CASE("the model on cuda::par matches the model on cpu::par", "[nn]
     const float host_loss = host_model.template forward_backward<float>(in, tgt);
     const float device_loss = device_model.template forward_backward<float>(in, tgt);
     CHECK(device_loss == Approx(host_loss).epsilon(1e-5));
-
-    const std::vector<float> host_gradients(host_model.gradients().data(), host_model.gradients().data() + count);
-    const std::vector<float> device_gradients = to_host(as_const(device_model.gradients()));
-    for (const auto& p : host_model.parameter_table()) {
-      INFO("gradient of " << p.name);
-      CHECK(worst_scaled_difference(device_gradients, host_gradients, p.offset, p.size()) <= 1e-4);
-    }
+    check_gradients(host_model, device_model, 1e-4);
 
     const auto host_logits = host_model.template logits<float>(in);
     const auto device_logits = device_model.template logits<float>(in);
@@ -109,12 +115,7 @@ TEMPLATE_TEST_CASE("the model on cuda::par matches the model on cpu::par", "[nn]
     const float host_loss = host_model.template forward_backward<bf16>(in, tgt);
     const float device_loss = device_model.template forward_backward<bf16>(in, tgt);
     CHECK(device_loss == Approx(host_loss).epsilon(1e-3));
-    const std::vector<float> host_gradients(host_model.gradients().data(), host_model.gradients().data() + count);
-    const std::vector<float> device_gradients = to_host(as_const(device_model.gradients()));
-    for (const auto& p : host_model.parameter_table()) {
-      INFO("gradient of " << p.name);
-      CHECK(worst_scaled_difference(device_gradients, host_gradients, p.offset, p.size()) <= 2e-2);
-    }
+    check_gradients(host_model, device_model, 2e-2);
   }
 
   SECTION("the CUDA step is deterministic: the same batch twice gives the same bits") {

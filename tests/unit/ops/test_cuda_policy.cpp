@@ -261,7 +261,8 @@ TEST_CASE("packed-weight GEMV / GEMM and cached attention have no CUDA kernel ye
 // bf16-weight prefill keeps widening to fp32 and q8_0 stays row-major there,
 // until a CUDA hook says otherwise. The CPU hooks exist (so a misspelt hook
 // name cannot make the answers false), and on the host the bf16 cache's
-// query rounding follows the build's AVX512_BF16 flag.
+// query rounding follows the build's AVX512_BF16 flag, the int8 cache's its
+// AVX512_VNNI flags (head dims that are a multiple of 64 only).
 TEST_CASE("the compile-time kernel choices answer false on the CUDA policy", "[cuda][policy][cpu_only]") {
   STATIC_REQUIRE_FALSE(ops::gemm_bf16_native<ctformer::cuda::par_t>);
   STATIC_REQUIRE_FALSE(ops::interleave_q8_0<ctformer::cuda::par_t>);

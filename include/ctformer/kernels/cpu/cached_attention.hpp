@@ -255,16 +255,23 @@ struct tile_slots {
   index_t segment_end[cached_attention_tile];
 };
 
+/// Whether find_tile_slots cuts tiles at block edges, so that every segment
+/// lies inside one block (and its positions' scales side by side): blocks of
+/// a multiple of 8 positions cut a tile into whole groups of 8 keys (the
+/// scoring kernel's width) but at its end; other block sizes would leave
+/// partial groups, so their tiles stay one segment across several blocks.
+template <class E>
+bool segments_in_one_block(const kv_view<const E>& kv) {
+  return kv.block_tokens % 8 == 0;
+}
+
 /// Fills `slots` for positions [p0, p0 + count) of kv.
 template <class E>
 void find_tile_slots(const kv_view<const E>& kv, index_t p0, index_t count, tile_slots& slots) {
   constexpr bool quantized = std::is_same_v<E, std::int8_t>;
   // A (block, offset) cursor walks the block table without a division per key.
   index_t block = p0 / kv.block_tokens, in_block = p0 % kv.block_tokens;
-  // Blocks of a multiple of 8 positions cut a tile into whole groups of 8
-  // keys (the scoring kernel's width) but at its end; other block sizes
-  // would leave partial groups, so their tiles stay one segment.
-  const bool segmented = kv.block_tokens % 8 == 0;
+  const bool segmented = segments_in_one_block(kv);
   index_t segments = 0;
   for (index_t j = 0; j < count; ++j) {
     if (in_block == kv.block_tokens) {
@@ -432,13 +439,10 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
 #if defined(CTFORMER_ATTENTION_INT8_VNNI)
   const bool int8_query = rounds_query_to_int8<E>(d);
 #endif
-  // Whether each segment lies inside one block (find_tile_slots cuts tiles
-  // at block edges when blocks hold a multiple of 8 positions): then its
-  // positions' scales lie side by side. A tile of other blocks is one
-  // segment across several, and its scales are read one by one. (Comparing
-  // a run's first and last scale index is not enough: blocks out of order
-  // can add up to the same distance.)
-  const bool segments_in_one_block = kv.block_tokens % 8 == 0;
+  // Scales are read as vectors only where a segment lies inside one block;
+  // otherwise one by one. (Comparing a run's first and last scale index is
+  // not enough: blocks out of order can add up to the same distance.)
+  const bool scales_side_by_side = segments_in_one_block(kv);
   // Scores of head h for keys [key, key + 8) of a segment; rows past `valid`
   // repeat the segment's last key and their scores are dropped, so every
   // score comes from the same vector kernel.
@@ -476,7 +480,7 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
 #if defined(CTFORMER_CPU_AVX2)
     // Eight keys whose scales lie side by side (inside one block): the same
     // products, eight at a time.
-    if (valid == 8 && (!quantized || segments_in_one_block)) {
+    if (valid == 8 && (!quantized || scales_side_by_side)) {
       __m256 product = _mm256_mul_ps(_mm256_loadu_ps(dots), _mm256_set1_ps(scale));
       if constexpr (quantized)
         product = _mm256_mul_ps(product, _mm256_loadu_ps(kv.k_scale + scale_slot[key] + g * scale_head_stride));
@@ -511,7 +515,7 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
       for (index_t h = h0; h < h1; ++h) {
         float* p = scores + (h - h0) * tile;
         const index_t offset = (h / group) * scale_head_stride;
-        if (segments_in_one_block) {
+        if (scales_side_by_side) {
           const float* v_scale = kv.v_scale + scale_slot[begin] + offset - begin;
           for (index_t r = begin; r < end; ++r) p[r] *= v_scale[r];
         } else {

@@ -86,13 +86,19 @@ inline std::int32_t read_device_value(const std::int32_t* p, cudaStream_t stream
   return host;
 }
 
-/// Throws invalid_input for an index outside [0, limit), worded as the CPU kernels word it.
+/// invalid_input for an index outside [0, limit), worded as the CPU kernels word it.
+inline invalid_input bad_index_error(const char* operation, const char* what, std::int32_t value, index_t position,
+                                     index_t limit) {
+  return invalid_input(std::string("ctformer::") + operation + ": " + what + " " + std::to_string(value) +
+                       " at position " + std::to_string(position) + " is outside the vocabulary [0, " +
+                       std::to_string(limit) + ")");
+}
+
+/// Throws bad_index_error for ids[position], read from device memory.
 [[noreturn]] inline void throw_bad_index(const char* operation, const char* what, tensor_view<const std::int32_t, 1> ids,
                                          index_t position, index_t limit, cudaStream_t stream) {
-  const std::int32_t value = read_device_value(ids.data() + position * ids.stride(0), stream);
-  throw invalid_input(std::string("ctformer::") + operation + ": " + what + " " + std::to_string(value) +
-                      " at position " + std::to_string(position) + " is outside the vocabulary [0, " +
-                      std::to_string(limit) + ")");
+  throw bad_index_error(operation, what, read_device_value(ids.data() + position * ids.stride(0), stream), position,
+                        limit);
 }
 
 }  // namespace ctformer::cuda::detail

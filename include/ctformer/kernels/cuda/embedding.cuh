@@ -135,8 +135,7 @@ inline void embedding_backward_impl(const par_t& exec, tensor_view<const std::in
   CTFORMER_CUDA_CHECK(cudaStreamSynchronize(exec.stream));
   for (index_t i = 0; i < n; ++i)
     if (const std::int32_t token = groups.tokens[std::size_t(i)]; token < 0 || token >= v)
-      throw invalid_input("ctformer::embedding_backward: token id " + std::to_string(token) + " at position " +
-                          std::to_string(i) + " is outside the vocabulary [0, " + std::to_string(v) + ")");
+      throw detail::bad_index_error("embedding_backward", "token id", token, i, v);
   if (c == 0) return;
   groups.build(n, v);
   // Pageable memory: cudaMemcpyAsync returns once the values are staged, so
