@@ -154,9 +154,9 @@ TEST_CASE("an empty or too-short text is refused with the file and the sizes", "
 
 TEST_CASE("tiny Shakespeare has the 65-character vocabulary and nanoGPT's split", "[io][dataset][data]") {
   const char* env = std::getenv("CTFORMER_DATA");
-  const fs::path path = env ? fs::path(env) : fs::path(CTFORMER_SHARED_DATA_DIR) / "tinyshakespeare.txt";
-  // The corpus sits beside every checkout (../shared/data, DESIGN.md); its
-  // absence is a broken set-up, reported as a failure rather than skipped.
+  const fs::path path = env ? fs::path(env) : fs::path(CTFORMER_DATA_DIR) / "tinyshakespeare.txt";
+  // The corpus ships with the repository (data/); its absence is a broken
+  // checkout, reported as a failure rather than skipped.
   INFO("tiny Shakespeare expected at " << path << " (set CTFORMER_DATA to point elsewhere)");
   REQUIRE(fs::exists(path));
   const std::string text = io::read_text_file(path);
