@@ -53,11 +53,11 @@ void require_utf8(std::string_view text, const char* what) {
   }
 }
 
+template <class Cfg, class Format>
+using model_for = infer::inference_model<Cfg, Format, infer::kv::paged<16, float>>;
+
 template <class Tokenizer, class Cfg, class Format>
-int run(const options& o, nn::model<Cfg, cpu::par_t>& trained, const Tokenizer& tokenizer) {
-  const auto exec = cpu::par.with_threads(o.threads);
-  using model_type = infer::inference_model<Cfg, Format, infer::kv::paged<16, float>>;
-  model_type model(trained, model_type::default_max_chunk, exec);
+int run(const options& o, model_for<Cfg, Format>& model, const Tokenizer& tokenizer) {
   auto cache = model.make_cache(Cfg::max_seq);
   const auto prompt = tokenizer.encode(o.prompt);
   if (prompt.empty()) throw invalid_input("generate: the prompt is empty");
@@ -100,25 +100,29 @@ int run(const options& o, nn::model<Cfg, cpu::par_t>& trained, const Tokenizer& 
   return 0;
 }
 
-// Loads the checkpoint into an fp32 model of configuration Cfg (dequantizing
-// a quantized one), then runs with the file's weight format.
+// Builds the inference model of configuration Cfg straight from the file:
+// a quantized checkpoint's packed weights as they are stored, a training
+// checkpoint's fp32 parameters packed as fp32.
 template <class Cfg>
 int load_and_run(const options& o) {
-  nn::model<Cfg, cpu::par_t> trained(cpu::par.with_threads(o.threads));
-  auto with_tokenizer = [&]<class Format>(const std::string& vocabulary) {
+  const auto exec = cpu::par.with_threads(o.threads);
+  auto with_tokenizer = [&]<class Format>(model_for<Cfg, Format>& model, const std::string& vocabulary) {
     if (vocabulary.find("\"byte\"") != std::string::npos)
-      return run<io::byte_tokenizer, Cfg, Format>(o, trained, io::byte_tokenizer::deserialize(vocabulary));
-    return run<io::char_tokenizer, Cfg, Format>(o, trained, io::char_tokenizer::deserialize(vocabulary));
+      return run<io::byte_tokenizer, Cfg, Format>(o, model, io::byte_tokenizer::deserialize(vocabulary));
+    return run<io::char_tokenizer, Cfg, Format>(o, model, io::char_tokenizer::deserialize(vocabulary));
   };
   if (io::is_quantized_checkpoint(o.checkpoint)) {
     const auto meta = io::read_quantized_checkpoint_metadata(o.checkpoint);
     return io::visit_weight_format(meta.weight_format, [&]<class Format>() {
-      io::load_quantized_checkpoint<Format>(o.checkpoint, trained);
-      return with_tokenizer.template operator()<Format>(meta.vocabulary);
+      const io::quantized_checkpoint_source<Cfg, Format> source(o.checkpoint);
+      model_for<Cfg, Format> model(source, model_for<Cfg, Format>::default_max_chunk, exec);
+      return with_tokenizer.template operator()<Format>(model, source.vocabulary());
     });
   }
+  nn::model<Cfg, cpu::par_t> trained(exec);
   const auto meta = io::load_model_parameters(o.checkpoint, trained);
-  return with_tokenizer.template operator()<quant::fp32>(meta.vocabulary);
+  model_for<Cfg, quant::fp32> model(trained, model_for<Cfg, quant::fp32>::default_max_chunk, exec);
+  return with_tokenizer.template operator()<quant::fp32>(model, meta.vocabulary);
 }
 
 }  // namespace

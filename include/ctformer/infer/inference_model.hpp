@@ -1,6 +1,7 @@
-// infer::inference_model<Cfg, Format, KvPolicy, Exec>: the forward pass of a
-// trained nn::model for generation -- weights packed in a quant:: format, no
-// activations saved, chunked prefill and one-token decode over a KV cache.
+// infer::inference_model<Cfg, Format, KvPolicy, Exec>: the decoder blocks of
+// nn/block.hpp run for generation -- weights packed in a quant:: format, no
+// activations saved, one forward call over a ragged batch of many sequences
+// (prefill chunks and decode tokens together) reading and writing a KV cache.
 #pragma once
 
 #include <algorithm>
@@ -13,7 +14,9 @@
 
 #include "ctformer/core/core.hpp"
 #include "ctformer/exec/exec.hpp"
+#include "ctformer/infer/batch.hpp"
 #include "ctformer/infer/kv_cache.hpp"
+#include "ctformer/nn/block.hpp"
 #include "ctformer/nn/config.hpp"
 #include "ctformer/nn/model.hpp"
 #include "ctformer/nn/parameters.hpp"
@@ -25,14 +28,10 @@ namespace ctformer::infer {
 
 /// The matrix a linear layer's weights are kept in for inference: row-major
 /// packed rows, except q4_0, whose rows are interleaved by 8 (the same bytes)
-/// so that decode and prefill run integer kernels eight rows at a time: its
-/// row-major GEMV was compute-bound (nibble unpacking), the interleaved one
-/// reaches the memory bound. q8_0 is interleaved where ops::interleave_q8_0
-/// says so (a build with VNNI: its int8 prefill GEMM is 1.5-2x the
-/// dequantize-then-fp32 path there); elsewhere it stays row-major, where its
-/// decode is as fast and its prefill keeps exact fp32 activations (its int8
-/// GEMM needs a widening multiply-add per chunk without VNNI: 92-100 GOP/s
-/// against about 86-90 GFLOP/s for the fp32 GEMM on Zen 3).
+/// so that decode and prefill run integer kernels eight rows at a time (its
+/// row-major GEMV is bound by nibble unpacking, the interleaved one by
+/// memory), and q8_0 where ops::interleave_q8_0 says its integer GEMM beats
+/// dequantizing to fp32 on this build.
 template <class Format, class Exec>
 struct inference_weights {
   using type = quant::packed_matrix<Format>;
@@ -47,17 +46,51 @@ struct inference_weights<quant::q8_0, Exec> {
                                   quant::packed_matrix<quant::q8_0>>;
 };
 
+/// Where an inference model's weights come from: fp32 tensors by name, and
+/// linear weights packed in a format. This one reads a flat fp32 buffer in
+/// nn::model's layout and quantizes the linear weights as they are asked for
+/// (a checkpoint reader that holds packed bytes hands them over as they are).
+class flat_parameter_source {
+ public:
+  flat_parameter_source(tensor_view<const float, 1> parameters, const std::vector<nn::parameter_info>& table)
+      : parameters_(parameters), table_(table) {}
+
+  /// The fp32 values of tensor `name`; throws shape_error when it is missing
+  /// or has another shape.
+  const float* dense(const std::string& name, const std::vector<index_t>& shape) const {
+    for (const auto& p : table_)
+      if (p.name == name) {
+        if (p.shape != shape || p.offset + p.size() > parameters_.extent(0))
+          throw shape_error("ctformer::infer::inference_model: parameter " + name +
+                            " has another shape than the configuration's, or lies outside the buffer");
+        return parameters_.data() + p.offset;
+      }
+    throw shape_error("ctformer::infer::inference_model: the parameter table has no " + name);
+  }
+
+  /// Fills `out` ((rows, cols), allocated) with tensor `name` packed in its format.
+  template <class Format>
+  void packed(const std::string& name, quant::packed_matrix<Format>& out) const {
+    const tensor_view<const float, 2> source(dense(name, {out.rows(), out.cols()}), {out.rows(), out.cols()});
+    ops::quantize(cpu::par, source, out);
+  }
+
+ private:
+  tensor_view<const float, 1> parameters_;
+  const std::vector<nn::parameter_info>& table_;
+};
+
 /// A decoder-only Transformer prepared for generation. Every linear layer
 /// (qkv, attention output, MLP up and down, and the LM head, tied or not) is
-/// packed in Format (in an inference_weights<Format, Exec> matrix); the token and
-/// position embeddings, norms and biases stay fp32. Activations live in
-/// scratch sized at construction for max_chunk tokens: prefill and decode
-/// allocate nothing.
+/// kept in an inference_weights<Format, Exec> matrix; embeddings, norms and
+/// biases stay fp32. Activations live in scratch sized at construction for
+/// max_chunk rows: a forward call allocates nothing (the logits scratch grows
+/// to the most logit rows one call has asked for).
 ///
 /// The model is stateless between calls apart from that scratch: the
-/// sequence state is the KV cache the caller passes in (make_cache builds one
-/// of the right shape), so one model serves any number of caches -- but not
-/// from two threads at once.
+/// sequences' state is the KV cache the caller passes in (make_cache builds
+/// one of the right shape), so one model serves any number of caches -- but
+/// not from two threads at once.
 /// @tparam Cfg an nn::model_config
 /// @tparam Format the weight format of the linear layers (quant::fp32, bf16_weights, q8_0, q4_0, int8_rowwise)
 /// @tparam KvPolicy the cache policy (kv::contiguous<E>, kv::paged<B, E>)
@@ -76,35 +109,26 @@ class inference_model {
   using kv_policy_type = KvPolicy;
   using cache_type = kv_cache<KvPolicy>;
   using exec_type = Exec;
+  using block = nn::decoder_block<Cfg>;
 
   static constexpr index_t vocab = traits::vocab, d_model = traits::d_model, n_layer = traits::n_layer,
                            n_head = traits::n_head, n_kv_head = traits::n_kv_head, head_dim = traits::head_dim,
                            d_ff = traits::d_ff, max_seq = traits::max_seq;
   static constexpr bool learned_positions = std::is_same_v<typename Cfg::position, nn::learned_position>;
-  static constexpr bool rotary = std::is_same_v<typename Cfg::position, nn::rope>;
-  static constexpr bool layer_norm = std::is_same_v<typename Cfg::norm, nn::layer_norm>;
   /// The matrix type of every linear layer's weights.
   using weight_matrix = typename inference_weights<Format, Exec>::type;
+  /// The model's parameters: nn::model's list of tensors, with packed matrices.
+  using weights_type = nn::model_weights<Cfg, weight_matrix>;
   /// Whether prefill chunks run an integer GEMM rather than dequantizing to fp32.
   static constexpr bool integer_gemm = quant::is_interleaved_matrix<weight_matrix>;
 
-  /// Whether prefill chunks of bf16 weights round their activations to bf16
-  /// and run the native bf16 GEMM (AVX512_BF16: twice the fp32 rate), as
-  /// PyTorch's bf16 autocast does, rather than widening the weights to fp32.
-  /// Decode keeps fp32 activations either way.
-  static constexpr bool bf16_gemm = std::is_same_v<Format, quant::bf16_weights> && ops::gemm_bf16_native<Exec>;
-
-  /// Chunks of at least this many tokens dequantize a row-major packed
-  /// matrix whole and use the fp32 GEMM (bf16 weights with bf16_gemm: round
-  /// the activations and use the bf16 GEMM); shorter ones use the
-  /// packed-weight GEMM (interleaved matrices always run their int8 GEMM).
-  static constexpr index_t dequantize_min_tokens = 16;
-
-  /// The default (and largest default) prefill chunk.
+  /// The default number of rows one forward call holds (a batch of many
+  /// sequences may hold more than max_seq: pass a larger max_chunk).
   static constexpr index_t default_max_chunk = std::min<index_t>(max_seq, 256);
 
   /// Copies (and packs) the weights of a trained model.
-  /// @param max_chunk the most tokens one prefill chunk may hold (sizes the scratch)
+  /// @param max_chunk the most rows one forward call may hold: a prefill
+  ///   chunk, or a batch's tokens in all (sizes the scratch)
   explicit inference_model(const nn::model<Cfg, cpu::par_t>& trained, index_t max_chunk = default_max_chunk,
                            Exec exec = Exec{})
       : inference_model(trained.parameters(), trained.parameter_table(), max_chunk, exec) {}
@@ -114,13 +138,23 @@ class inference_model {
   /// Throws shape_error when a tensor is missing or has another shape.
   inference_model(tensor_view<const float, 1> parameters, const std::vector<nn::parameter_info>& table,
                   index_t max_chunk = default_max_chunk, Exec exec = Exec{})
-      : exec_(exec), max_chunk_(max_chunk) {
-    if (max_chunk <= 0 || max_chunk > max_seq)
+      : inference_model(flat_parameter_source(parameters, table), max_chunk, exec) {}
+
+  /// From any weight source (flat_parameter_source's two members): a
+  /// quantized checkpoint hands its packed matrices over without a detour
+  /// through fp32.
+  template <class Source>
+    requires requires(const Source& s, const std::string& name, quant::packed_matrix<Format>& m) {
+      { s.dense(name, std::vector<index_t>{}) } -> std::convertible_to<const float*>;
+      s.packed(name, m);
+    }
+  inference_model(const Source& source, index_t max_chunk = default_max_chunk, Exec exec = Exec{})
+      : exec_(exec), max_chunk_(max_chunk), rope_(exec) {
+    if (max_chunk <= 0)
       throw invalid_input("ctformer::infer::inference_model: max_chunk " + std::to_string(max_chunk) +
-                          " must be in [1, max_seq = " + std::to_string(max_seq) + "]");
-    load(parameters, table);
+                          " must be positive");
+    load(source);
     allocate_scratch();
-    if constexpr (rotary) build_rope_tables();
   }
 
   inference_model(const inference_model&) = delete;
@@ -128,23 +162,16 @@ class inference_model {
 
   /// nn::model<Cfg>'s parameter layout, without building a model (and its
   /// gradient buffer): for filling a flat buffer from another source.
-  static std::vector<nn::parameter_info> parameter_table() {
-    nn::model_tensors<Cfg> probe;
-    nn::parameter_layout layout;
-    probe.visit([&]<int Rank>(const std::string& name, tensor_view<float, Rank>&, std::vector<index_t> shape,
-                              nn::parameter_kind kind) { layout.add(name, std::move(shape), kind); });
-    return layout.table();
-  }
+  static std::vector<nn::parameter_info> parameter_table() { return nn::parameter_table_of<Cfg>(); }
   /// Floats a flat buffer for parameter_table() holds.
-  static index_t parameter_count() {
-    const auto table = parameter_table();
-    return table.empty() ? 0 : table.back().offset + table.back().size();
-  }
+  static index_t parameter_count() { return nn::parameter_count_of<Cfg>(); }
 
   const Exec& exec() const { return exec_; }
   /// Changes the threads the model runs on (the packed weights stay).
   void set_exec(Exec exec) { exec_ = exec; }
+  /// The most rows one forward call holds.
   index_t max_chunk() const { return max_chunk_; }
+  const weights_type& weights() const { return weights_; }
 
   /// A cache of this model's shape (n_layer, n_kv_head, head_dim, max_seq).
   /// @param capacity contiguous: sequence slots; paged: positions in the pool
@@ -152,195 +179,177 @@ class inference_model {
 
   /// Bytes of the packed linear weights: what one decode step streams from
   /// memory (the embedding row, norms and biases add under 0.1%).
-  std::size_t weight_bytes() const {
-    std::size_t total = lm_head_.bytes();
-    for (const auto& l : layers_) total += l.qkv.bytes() + l.output.bytes() + l.up.bytes() + l.down.bytes();
-    return total;
-  }
+  std::size_t weight_bytes() const { return weight_bytes_; }
   /// Bytes of the fp32 tensors (embeddings, norms, biases).
   std::size_t dense_bytes() const { return dense_.bytes(); }
 
+  /// One forward call over a ragged batch: every row's token goes through
+  /// the model at its position in its sequence, keys and values are written
+  /// to the cache, each row attends to its own sequence's positions up to
+  /// its own, and the sequences' lengths grow by their rows. Each weight
+  /// matrix is streamed once for the whole batch.
+  /// Returns the logits of the rows that asked for them, in row order:
+  /// (logit_rows, vocab), valid until the next call.
+  /// Throws, naming the row and leaving the cache unchanged: invalid_input
+  /// for an empty batch or one of more than max_chunk() rows, a token
+  /// outside [0, vocab), a sequence that is not open, a sequence whose rows
+  /// are not consecutive in the batch, a position that is not the next one
+  /// of its sequence or passes max_seq; cache_exhausted when the pool cannot
+  /// hold the new positions; shape_error for a cache of another shape.
+  tensor_view<const float, 2> forward(cache_type& cache, const batch& rows) {
+    check_cache(cache);
+    plan(cache, rows);
+    for (const auto& seg : segments_) cache.reserve(seg.sequence, seg.start + seg.rows);
+    try {
+      run(cache, rows);
+    } catch (...) {
+      for (const auto& seg : segments_) cache.release_unused(seg.sequence);
+      throw;
+    }
+    for (const auto& seg : segments_) cache.set_length(seg.sequence, seg.start + seg.rows);
+    return tensor_view<const float, 2>(logits_.data(), {logit_rows_, vocab});
+  }
+
   /// Runs the prompt tokens through the model at the sequence's next
   /// positions [length, length + n), in chunks of at most `chunk` tokens
-  /// (0: max_chunk()), writing their keys and values into the cache, and
-  /// returns the logits (vocab) of the last position, valid until the next call.
-  /// Throws invalid_input for an empty prompt, a token outside [0, vocab),
-  /// positions past max_seq or a bad chunk; cache_exhausted when the cache
-  /// cannot hold them (nothing is written then); shape_error for a cache of
-  /// another shape.
+  /// (0: max_chunk()), and returns the logits (vocab) of the last position,
+  /// valid until the next call. Errors as forward's; nothing is written for
+  /// a chunk that fails.
   std::span<const float> prefill(cache_type& cache, sequence_id seq, std::span<const std::int32_t> tokens,
                                  index_t chunk = 0) {
-    check_cache(cache);
     if (chunk == 0) chunk = max_chunk_;
     if (chunk < 0 || chunk > max_chunk_)
       throw invalid_input("ctformer::infer::inference_model::prefill: chunk " + std::to_string(chunk) +
                           " must be in [1, max_chunk = " + std::to_string(max_chunk_) + "] (or 0 for max_chunk)");
     if (tokens.empty()) throw invalid_input("ctformer::infer::inference_model::prefill: the prompt is empty");
+    check_cache(cache);
     const index_t start = cache.length(seq);
-    check_tokens("prefill", tokens, start);
-    cache.reserve(seq, start + index_t(tokens.size()));
+    if (start + index_t(tokens.size()) > max_seq)
+      throw invalid_input("ctformer::infer::inference_model::prefill: " + std::to_string(tokens.size()) +
+                          " tokens after the sequence's " + std::to_string(start) +
+                          " do not fit the model's context of max_seq = " + std::to_string(max_seq) + " positions");
+    for (std::size_t i = 0; i < tokens.size(); ++i)
+      if (tokens[i] < 0 || tokens[i] >= vocab)
+        throw invalid_input("ctformer::infer::inference_model::prefill: token id " + std::to_string(tokens[i]) +
+                            " at position " + std::to_string(i) + " of the prompt is outside the vocabulary [0, " +
+                            std::to_string(vocab) + ")");
     for (index_t done = 0; done < index_t(tokens.size()); done += chunk) {
       const index_t n = std::min<index_t>(chunk, index_t(tokens.size()) - done);
-      forward(cache, seq, tokens.subspan(std::size_t(done), std::size_t(n)), start + done,
-              done + n == index_t(tokens.size()));
-      cache.set_length(seq, start + done + n);
+      single_.clear();
+      single_.add_tokens(seq, start + done, tokens.subspan(std::size_t(done), std::size_t(n)),
+                         done + n == index_t(tokens.size()));
+      forward(cache, single_);
     }
     return {logits_.data(), std::size_t(vocab)};
   }
 
   /// One token at the sequence's next position: returns its logits (vocab),
-  /// valid until the next call. Same errors as prefill.
+  /// valid until the next call. Errors as forward's.
   std::span<const float> decode(cache_type& cache, sequence_id seq, std::int32_t token) {
-    check_cache(cache);
-    const index_t start = cache.length(seq);
-    check_tokens("decode", std::span<const std::int32_t>(&token, 1), start);
-    cache.reserve(seq, start + 1);
-    forward(cache, seq, std::span<const std::int32_t>(&token, 1), start, true);
-    cache.set_length(seq, start + 1);
+    single_.clear();
+    single_.add(token, cache.length(seq), seq, true);
+    forward(cache, single_);
     return {logits_.data(), std::size_t(vocab)};
   }
 
  private:
-  struct layer_weights {
-    tensor_view<float, 1> attention_norm_weight, attention_norm_bias;  // (C)
-    tensor_view<float, 1> mlp_norm_weight, mlp_norm_bias;              // (C)
-    tensor_view<float, 1> qkv_bias, output_bias, up_bias, down_bias;   // (qkv_width), (C), (up_width), (C)
-    weight_matrix qkv;     // (qkv_width, C)
-    weight_matrix output;  // (C, C)
-    weight_matrix up;      // (up_width, C): gate rows first when gated
-    weight_matrix down;    // (C, F)
+  // The rows of one sequence in a batch.
+  struct segment {
+    sequence_id sequence;
+    index_t first_row, rows, start;
   };
 
   // --- construction -------------------------------------------------------------
-  void load(tensor_view<const float, 1> parameters, const std::vector<nn::parameter_info>& table) {
-    auto find = [&](const std::string& name, std::vector<index_t> shape) -> const float* {
-      for (const auto& p : table)
-        if (p.name == name) {
-          if (p.shape != shape || p.offset + p.size() > parameters.extent(0))
-            throw shape_error("ctformer::infer::inference_model: parameter " + name +
-                              " has another shape than the configuration's, or lies outside the buffer");
-          return parameters.data() + p.offset;
-        }
-      throw shape_error("ctformer::infer::inference_model: the parameter table has no " + name);
-    };
-    // The fp32 tensors go into one buffer: count first, then copy.
-    constexpr index_t c = d_model;
-    index_t dense_floats = vocab * c + (learned_positions ? max_seq * c : 0) + 2 * c * (layer_norm ? 2 : 1);
-    dense_floats += n_layer * (4 * c + traits::qkv_width + 2 * c + traits::up_width);
-    dense_ = buffer<float>(std::size_t(dense_floats), 0.0f);
-    index_t used = 0;
-    auto take = [&](const std::string& name, index_t n) {
-      tensor_view<float, 1> v(dense_.data() + used, {n});
-      const float* src = find(name, {n});
-      std::copy(src, src + n, v.data());
-      used += n;
-      return v;
-    };
-    auto take2 = [&](const std::string& name, index_t rows, index_t cols) {
-      tensor_view<float, 2> v(dense_.data() + used, {rows, cols});
-      const float* src = find(name, {rows, cols});
-      std::copy(src, src + rows * cols, v.data());
-      used += rows * cols;
-      return v;
-    };
-    // Every linear weight goes into one arena, each matrix aligned as a
-    // buffer of its own would be (host_space::alignment): one allocation
-    // large enough for huge pages, which one matrix of a few hundred KB is
-    // not. Decode streams the arena front to back, a layer's matrices in the
-    // order they are used.
+  template <class Source>
+  void load(const Source& source) {
+    // Two walks over the parameter list: the first sizes the fp32 buffer and
+    // the weight arena, the second fills them, so the two cannot disagree.
+    // Every matrix sits in one arena, aligned as a buffer of its own would be
+    // (host_space::alignment): one allocation large enough for huge pages,
+    // which one matrix of a few hundred KB is not. Decode streams the arena
+    // front to back, a layer's matrices in the order they are used.
+    constexpr std::size_t alignment = host_space::alignment;
     const auto aligned_bytes = [](index_t rows, index_t cols) {
-      constexpr std::size_t alignment = host_space::alignment;
       return (Format::bytes_for(rows, cols) + alignment - 1) / alignment * alignment;
     };
-    weight_arena_ = buffer<std::byte>(
-        std::size_t(n_layer) * (aligned_bytes(traits::qkv_width, c) + aligned_bytes(c, c) +
-                                aligned_bytes(traits::up_width, c) + aligned_bytes(c, d_ff)) +
-        aligned_bytes(vocab, c));
+    index_t dense_floats = 0;
+    std::size_t arena_bytes = 0;
+    auto count = [&](const std::string&, auto& member, const std::vector<index_t>& shape, nn::parameter_kind) {
+      if constexpr (std::is_same_v<std::remove_cvref_t<decltype(member)>, weight_matrix>)
+        arena_bytes += aligned_bytes(shape[0], shape[1]);
+      else
+        dense_floats += shape.size() == 1 ? shape[0] : shape[0] * shape[1];
+    };
+    weights_.visit(count);
+    if constexpr (traits::tie_embeddings) arena_bytes += aligned_bytes(vocab, d_model);
+    dense_ = buffer<float>(std::size_t(dense_floats), 0.0f);
+    weight_arena_ = buffer<std::byte>(arena_bytes);
+
+    index_t dense_used = 0;
     std::size_t arena_used = 0;
-    auto pack = [&](const std::string& name, index_t rows, index_t cols) {
+    auto pack = [&](const std::string& name, weight_matrix& m, index_t rows, index_t cols) {
       std::byte* storage = weight_arena_.data() + arena_used;
       arena_used += aligned_bytes(rows, cols);
-      const tensor_view<const float, 2> source(find(name, {rows, cols}), {rows, cols});
       if constexpr (std::is_same_v<weight_matrix, quant::packed_matrix<Format>>) {
-        weight_matrix m(rows, cols, storage);
-        ops::quantize(exec_, source, m);
-        return m;
+        m = weight_matrix(rows, cols, storage);
+        source.packed(name, m);
       } else {
-        quant::packed_matrix<Format> m(rows, cols);
-        ops::quantize(exec_, source, m);
-        return weight_matrix(m, storage);
+        quant::packed_matrix<Format> rows_major(rows, cols);
+        source.packed(name, rows_major);
+        m = weight_matrix(rows_major, storage);
+      }
+      weight_bytes_ += m.bytes();
+    };
+    auto fill = [&]<class Member>(const std::string& name, Member& member, const std::vector<index_t>& shape,
+                                  nn::parameter_kind) {
+      if constexpr (std::is_same_v<Member, weight_matrix>) {
+        pack(name, member, shape[0], shape[1]);
+      } else {
+        const index_t size = shape.size() == 1 ? shape[0] : shape[0] * shape[1];
+        const float* values = source.dense(name, shape);
+        std::copy(values, values + size, dense_.data() + dense_used);
+        if constexpr (std::is_same_v<Member, tensor_view<float, 1>>)
+          member = tensor_view<float, 1>(dense_.data() + dense_used, {shape[0]});
+        else
+          member = tensor_view<float, 2>(dense_.data() + dense_used, {shape[0], shape[1]});
+        dense_used += size;
       }
     };
-    auto zeros = [&](index_t n) {
-      tensor_view<float, 1> v(dense_.data() + used, {n});
-      used += n;
-      return v;
-    };
+    weights_.visit(fill);
+    if constexpr (traits::tie_embeddings) pack("token_embedding.weight", weights_.lm_head, vocab, d_model);
+  }
 
-    token_embedding_ = take2("token_embedding.weight", vocab, c);
-    if constexpr (learned_positions) position_embedding_ = take2("position_embedding.weight", max_seq, c);
-    for (index_t l = 0; l < n_layer; ++l) {
-      const std::string p = "blocks." + std::to_string(l) + ".";
-      layer_weights& w = layers_[std::size_t(l)];
-      w.attention_norm_weight = take(p + "attention_norm.weight", c);
-      w.attention_norm_bias = layer_norm ? take(p + "attention_norm.bias", c) : zeros(c);
-      w.mlp_norm_weight = take(p + "mlp_norm.weight", c);
-      w.mlp_norm_bias = layer_norm ? take(p + "mlp_norm.bias", c) : zeros(c);
-      w.qkv_bias = traits::bias ? take(p + "attention.qkv.bias", traits::qkv_width) : zeros(traits::qkv_width);
-      w.output_bias = traits::bias ? take(p + "attention.output.bias", c) : zeros(c);
-      w.up_bias = traits::bias ? take(p + "mlp.up.bias", traits::up_width) : zeros(traits::up_width);
-      w.down_bias = traits::bias ? take(p + "mlp.down.bias", c) : zeros(c);
-      w.qkv = pack(p + "attention.qkv.weight", traits::qkv_width, c);
-      w.output = pack(p + "attention.output.weight", c, c);
-      w.up = pack(p + "mlp.up.weight", traits::up_width, c);
-      w.down = pack(p + "mlp.down.weight", c, d_ff);
-    }
-    final_norm_weight_ = take("final_norm.weight", c);
-    final_norm_bias_ = layer_norm ? take("final_norm.bias", c) : zeros(c);
-    lm_head_ = pack(traits::tie_embeddings ? "token_embedding.weight" : "lm_head.weight", vocab, c);
+  // The scratch of one forward call, for `rows` rows: one walk that both
+  // sizes (null base) and carves it.
+  struct scratch_views {
+    nn::block_activations layer;
+    tensor_view<float, 2> attention_rows;  // (N, C): the attention's output, packed heads
+  };
+  static scratch_views carve(float* base, index_t rows, index_t* used = nullptr) {
+    nn::arena_carver<float> f(base);
+    scratch_views s;
+    nn::block_activations& a = s.layer;
+    a.residual_in = a.residual_mid = a.residual_out = f.take(rows, d_model);
+    a.attention_norm_out = a.mlp_norm_out = f.take(rows, d_model);
+    a.attention_norm_mean = a.mlp_norm_mean = f.take(rows);
+    a.attention_norm_rstd = a.mlp_norm_rstd = f.take(rows);
+    a.qkv = f.take(rows, traits::qkv_width);
+    a.attention_out = f.take(rows, d_model);
+    a.up_out = f.take(rows, traits::up_width);
+    a.activation_out = f.take(rows, d_ff);
+    s.attention_rows = a.attention_out;
+    if (used) *used = f.used();
+    return s;
   }
 
   void allocate_scratch() {
-    const index_t t = max_chunk_;
-    const index_t floats = t * (4 * d_model + traits::qkv_width + traits::up_width + d_ff + 2) + vocab;
+    index_t floats = 0;
+    carve(nullptr, max_chunk_, &floats);
     scratch_ = buffer<float>(std::size_t(floats), 0.0f);
-    float* p = scratch_.data();
-    auto carve = [&](index_t n) {
-      float* at = p;
-      p += n;
-      return at;
-    };
-    x_ = carve(t * d_model);
-    normed_ = carve(t * d_model);
-    attention_ = carve(t * d_model);
-    projection_ = carve(t * d_model);
-    qkv_ = carve(t * traits::qkv_width);
-    up_ = carve(t * traits::up_width);
-    activation_ = carve(t * d_ff);
-    mean_ = carve(t);
-    rstd_ = carve(t);
-    logits_ = tensor_view<float, 1>(carve(vocab), {vocab});
-    ids_ = buffer<std::int32_t>(std::size_t(2 * t), 0);
-    if constexpr (bf16_gemm) {
-      if (t >= dequantize_min_tokens) activation_bf16_ = buffer<bf16>(std::size_t(t * std::max(d_model, d_ff)));
-    } else if constexpr (!std::is_same_v<Format, quant::fp32> && !integer_gemm) {
-      if (t >= dequantize_min_tokens)
-        weight_scratch_ = buffer<float>(std::size_t(std::max({traits::qkv_width * d_model, d_model * d_model,
-                                                              traits::up_width * d_model, d_model * d_ff})));
-    }
-  }
-
-  void build_rope_tables() {
-    // The same tables as nn::model (angles in double, then rounded), so the
-    // cached path rotates by exactly the training path's cos and sin.
-    const index_t half = head_dim / 2;
-    rope_ = buffer<float>(std::size_t(2 * max_seq * half));
-    for (index_t pos = 0; pos < max_seq; ++pos)
-      for (index_t i = 0; i < half; ++i) {
-        const double frequency = std::pow(double(traits::rope_base), -2.0 * double(i) / double(head_dim));
-        rope_[std::size_t(pos * half + i)] = float(std::cos(double(pos) * frequency));
-        rope_[std::size_t(max_seq * half + pos * half + i)] = float(std::sin(double(pos) * frequency));
-      }
+    ids_ = buffer<std::int32_t>(std::size_t(2 * max_chunk_), 0);
+    logit_row_index_.reserve(std::size_t(max_chunk_));
+    segments_.reserve(std::size_t(max_chunk_));
+    single_.reserve(max_chunk_);
   }
 
   // --- checks -------------------------------------------------------------------
@@ -354,153 +363,142 @@ class inference_model {
                         std::to_string(head_dim) + ", <= " + std::to_string(max_seq) + ")");
   }
 
-  static void check_tokens(const char* where, std::span<const std::int32_t> tokens, index_t start) {
-    if (start + index_t(tokens.size()) > max_seq)
-      throw invalid_input(std::string("ctformer::infer::inference_model::") + where + ": " +
-                          std::to_string(tokens.size()) + " tokens after the sequence's " + std::to_string(start) +
-                          " do not fit the model's context of max_seq = " + std::to_string(max_seq) + " positions");
-    for (std::size_t i = 0; i < tokens.size(); ++i)
-      if (tokens[i] < 0 || tokens[i] >= vocab)
-        throw invalid_input(std::string("ctformer::infer::inference_model::") + where + ": token id " +
-                            std::to_string(tokens[i]) + " at position " + std::to_string(i) +
+  // Validates the batch against the cache and cuts it into segments, one per
+  // sequence; touches nothing.
+  void plan(const cache_type& cache, const batch& rows) {
+    static const std::string where = "ctformer::infer::inference_model::forward: ";
+    const index_t n = rows.size();
+    if (n == 0) throw invalid_input(where + "the batch is empty");
+    if (n > max_chunk_)
+      throw invalid_input(where + "the batch has " + std::to_string(n) + " rows, more than the " +
+                          std::to_string(max_chunk_) + " the model's scratch holds (max_chunk); row " +
+                          std::to_string(max_chunk_) + " is the first that does not fit");
+    const auto tokens = rows.tokens();
+    const auto positions = rows.positions();
+    const auto sequences = rows.sequences();
+    segments_.clear();
+    index_t blocks = 0;
+    for (index_t i = 0; i < n; ++i) {
+      const auto row = [&] { return "row " + std::to_string(i) + ": "; };
+      if (tokens[std::size_t(i)] < 0 || tokens[std::size_t(i)] >= vocab)
+        throw invalid_input(where + row() + "token id " + std::to_string(tokens[std::size_t(i)]) +
                             " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+      const sequence_id seq = sequences[std::size_t(i)];
+      const bool continues = !segments_.empty() && segments_.back().sequence == seq;
+      if (!continues) {
+        if (!cache.is_open(seq))
+          throw invalid_input(where + row() + "sequence " + std::to_string(seq) + " is not open in the cache");
+        for (const auto& seg : segments_)
+          if (seg.sequence == seq)
+            throw invalid_input(where + row() + "sequence " + std::to_string(seq) + " already had rows " +
+                                std::to_string(seg.first_row) + ".." + std::to_string(seg.first_row + seg.rows - 1) +
+                                "; a sequence's rows must be consecutive in the batch");
+        segments_.push_back({seq, i, 0, cache.length(seq)});
+      }
+      segment& seg = segments_.back();
+      const index_t expected = seg.start + seg.rows;
+      if (positions[std::size_t(i)] != expected)
+        throw invalid_input(where + row() + "position " + std::to_string(positions[std::size_t(i)]) +
+                            " of sequence " + std::to_string(seq) + " is not its next position " +
+                            std::to_string(expected));
+      if (expected >= max_seq || expected >= cache.max_seq())
+        throw invalid_input(where + row() + "position " + std::to_string(expected) + " of sequence " +
+                            std::to_string(seq) + " is past the context of max_seq = " +
+                            std::to_string(std::min<index_t>(max_seq, cache.max_seq())) + " positions");
+      ++seg.rows;
+    }
+    for (const auto& seg : segments_) {
+      const index_t needed = cache.blocks_needed(seg.sequence, seg.start + seg.rows);
+      blocks += needed;
+      if (blocks > cache.free_block_count())
+        throw cache_exhausted(where + "sequence " + std::to_string(seg.sequence) + " (rows " +
+                              std::to_string(seg.first_row) + ".." + std::to_string(seg.first_row + seg.rows - 1) +
+                              ") asks for " + std::to_string(seg.start + seg.rows) + " positions (" +
+                              std::to_string(needed) + " more blocks of " + std::to_string(cache.block_tokens()) +
+                              "), but the pool of " + std::to_string(cache.pool_tokens()) + " positions has " +
+                              std::to_string(cache.free_block_count() - (blocks - needed)) +
+                              " blocks free for it; nothing was written");
+    }
   }
 
   // --- forward ------------------------------------------------------------------
-  // y (T, O) = x (T, I) W^T + bias: the fused dequantise-and-dot GEMV for one
-  // token, the tiled packed GEMM for a chunk.
-  void linear(const weight_matrix& w, tensor_view<const float, 2> x, tensor_view<float, 2> y,
-              tensor_view<float, 1> bias) {
-    if (x.extent(0) == 1) {
-      ops::quantized_gemv(exec_, w, x[0], y[0]);
-    } else if constexpr (std::is_same_v<Format, quant::fp32>) {
-      // fp32 rows are a plain (out, in) matrix: the packed, blocked fp32 GEMM
-      // beats the packed-weight GEMM's small 4 x 3 micro-kernel here.
-      const tensor_view<const float, 2> weights(reinterpret_cast<const float*>(w.data()), {w.rows(), w.cols()});
-      ops::gemm(exec_, x, weights.transposed(), y);
-    } else if constexpr (bf16_gemm) {
-      if (x.extent(0) >= dequantize_min_tokens) {
-        const index_t t = x.extent(0), in = x.extent(1);
-        const tensor_view<bf16, 2> rounded(activation_bf16_.data(), {t, in});
-        for (index_t i = 0; i < t; ++i) ops::convert(exec_, x[i], rounded[i]);
-        const tensor_view<const bf16, 2> weights(reinterpret_cast<const bf16*>(w.data()), {w.rows(), w.cols()});
-        ops::gemm(exec_, as_const(rounded), weights.transposed(), y);
-      } else {
-        ops::quantized_gemm(exec_, w, x, y);
-      }
-    } else if constexpr (integer_gemm) {
-      // Interleaved q4_0: the int8 GEMM (tokens rounded to int8 blocks as at
-      // decode) beats dequantizing to fp32 at every chunk length.
-      ops::quantized_gemm(exec_, w, x, y);
-    } else if (x.extent(0) >= dequantize_min_tokens) {
-      // A long chunk: dequantize the whole matrix once into scratch (cheap
-      // next to T dot products per weight) and run the blocked fp32 GEMM.
-      const tensor_view<float, 2> weights(weight_scratch_.data(), {w.rows(), w.cols()});
-      ops::dequantize(exec_, w, weights);
-      ops::gemm(exec_, x, as_const(weights).transposed(), y);
-    } else {
-      ops::quantized_gemm(exec_, w, x, y);
-    }
-    if constexpr (traits::bias) ops::add_bias(exec_, y, as_const(bias));
-  }
-
-  void norm(tensor_view<const float, 2> x, tensor_view<float, 1> weight, tensor_view<float, 1> bias,
-            tensor_view<float, 2> y) {
-    const index_t t = x.extent(0);
-    tensor_view<float, 1> mean(mean_, {t}), rstd(rstd_, {t});
-    if constexpr (layer_norm)
-      ops::layer_norm_forward(exec_, x, as_const(weight), as_const(bias), y, mean, rstd, traits::norm_eps);
-    else
-      ops::rms_norm_forward(exec_, x, as_const(weight), y, rstd, traits::norm_eps);
-  }
-
-  static tensor_view<float, 1> flat(float* p, index_t n) { return {p, {n}}; }
-
-  // Tokens at positions [start, start + T) of seq; leaves the logits of the
-  // last one in logits_ when want_logits.
-  void forward(cache_type& cache, sequence_id seq, std::span<const std::int32_t> tokens, index_t start,
-               bool want_logits) {
-    const index_t t = index_t(tokens.size());
-    constexpr index_t c = d_model, w = traits::qkv_width;
+  void run(cache_type& cache, const batch& rows) {
+    const index_t n = rows.size();
+    constexpr index_t c = d_model;
+    const scratch_views s = carve(scratch_.data(), n);
+    const nn::block_activations& a = s.layer;
     std::int32_t* ids = ids_.data();
-    for (index_t i = 0; i < t; ++i) {
-      ids[i] = tokens[std::size_t(i)];
-      ids[t + i] = std::int32_t(start + i);
-    }
-    tensor_view<float, 2> x(x_, {t, c});              // x: (T, C) the residual stream
-    tensor_view<float, 2> normed(normed_, {t, c});    // (T, C)
-    tensor_view<float, 2> projection(projection_, {t, c});
-    tensor_view<float, 2> qkv(qkv_, {t, w});          // (T, qkv_width): q, k, v heads side by side
-    tensor_view<float, 2> attention(attention_, {t, c});
-    tensor_view<float, 2> up(up_, {t, traits::up_width});
-    tensor_view<float, 2> activation(activation_, {t, d_ff});
+    std::copy(rows.tokens().begin(), rows.tokens().end(), ids);
+    std::copy(rows.positions().begin(), rows.positions().end(), ids + n);
+    const tensor_view<const std::int32_t, 1> token_ids(ids, {n}), positions(ids + n, {n});
 
-    ops::embedding_forward(exec_, tensor_view<const std::int32_t, 1>(ids, {t}), as_const(token_embedding_), x);
+    const auto x = a.residual_in;  // (N, C): the residual stream, updated in place by every block
+    ops::embedding_forward(exec_, token_ids, as_const(weights_.token_embedding), x);
     if constexpr (learned_positions) {
-      ops::embedding_forward(exec_, tensor_view<const std::int32_t, 1>(ids + t, {t}), as_const(position_embedding_),
-                             projection);
-      ops::add(exec_, flat(x_, t * c), flat(projection_, t * c), flat(x_, t * c));
+      ops::embedding_forward(exec_, positions, as_const(weights_.position_embedding), a.attention_norm_out);
+      ops::add(exec_, as_const(flat(x)), as_const(flat(a.attention_norm_out)), flat(x));
     }
 
     const float scale = 1.0f / std::sqrt(float(head_dim));
+    const auto as_stored = [](const weight_matrix& m) -> const weight_matrix& { return m; };
     for (index_t l = 0; l < n_layer; ++l) {
-      layer_weights& lw = layers_[std::size_t(l)];
-      norm(x, lw.attention_norm_weight, lw.attention_norm_bias, normed);
-      linear(lw.qkv, normed, qkv, lw.qkv_bias);
-      // q: (T, H, D), k, v: (T, KV, D), strided views into the qkv rows.
-      tensor_view<float, 3> q(qkv_, {t, n_head, head_dim}, {w, head_dim, 1});
-      tensor_view<float, 3> k(qkv_ + n_head * head_dim, {t, n_kv_head, head_dim}, {w, head_dim, 1});
-      tensor_view<float, 3> v(qkv_ + (n_head + n_kv_head) * head_dim, {t, n_kv_head, head_dim}, {w, head_dim, 1});
-      if constexpr (rotary) {
-        const tensor_view<const float, 2> cos_table(rope_.data(), {max_seq, head_dim / 2});
-        const tensor_view<const float, 2> sin_table(rope_.data() + max_seq * (head_dim / 2), {max_seq, head_dim / 2});
-        ops::rope_forward(exec_, tensor_view<float, 4>(q.data(), {1, t, n_head, head_dim}, {t * w, w, head_dim, 1}),
-                          cos_table, sin_table, start);
-        ops::rope_forward(exec_, tensor_view<float, 4>(k.data(), {1, t, n_kv_head, head_dim}, {t * w, w, head_dim, 1}),
-                          cos_table, sin_table, start);
-      }
-      cache.write(l, seq, start, as_const(k), as_const(v));
-      ops::cached_attention(exec_, as_const(q), cache.view(l, seq),
-                            tensor_view<float, 3>(attention_, {t, n_head, head_dim}), start, scale);
-      linear(lw.output, as_const(attention), projection, lw.output_bias);
-      ops::add(exec_, flat(x_, t * c), flat(projection_, t * c), flat(x_, t * c));
-
-      norm(x, lw.mlp_norm_weight, lw.mlp_norm_bias, normed);
-      linear(lw.up, as_const(normed), up, lw.up_bias);
-      if constexpr (traits::gated)
-        ops::swiglu_forward(exec_, as_const(up), activation);
-      else
-        ops::gelu_forward(exec_, flat(up_, t * d_ff), flat(activation_, t * d_ff));
-      linear(lw.down, as_const(activation), projection, lw.down_bias);
-      ops::add(exec_, flat(x_, t * c), flat(projection_, t * c), flat(x_, t * c));
+      block::forward(exec_, weights_.blocks[l], as_stored, a, rope_.view(), positions,
+                     [&](tensor_view<const float, 3> q, tensor_view<const float, 3> k, tensor_view<const float, 3> v,
+                         tensor_view<float, 3> out) {
+                       for (const auto& seg : segments_) {
+                         cache.write(l, seg.sequence, seg.start, rows_of(k, seg), rows_of(v, seg));
+                       }
+                       for (const auto& seg : segments_)
+                         ops::cached_attention(exec_, rows_of(q, seg), cache.view(l, seg.sequence),
+                                               rows_of(out, seg), seg.start, scale);
+                     });
     }
-    if (!want_logits) return;
-    // Only the last position's logits are needed: one row through the final
-    // norm and the LM head GEMV.
-    tensor_view<float, 2> last(x_ + (t - 1) * c, {1, c}), last_normed(normed_, {1, c});
-    norm(last, final_norm_weight_, final_norm_bias_, last_normed);
-    ops::quantized_gemv(exec_, lm_head_, tensor_view<const float, 1>(normed_, {c}), logits_);
+
+    // Only the rows that want logits go through the final norm and the head.
+    logit_row_index_.clear();
+    const auto wants = rows.wants_logits();
+    for (index_t i = 0; i < n; ++i)
+      if (wants[std::size_t(i)]) logit_row_index_.push_back(i);
+    logit_rows_ = index_t(logit_row_index_.size());
+    if (logit_rows_ == 0) return;
+    if (logits_.size() < std::size_t(logit_rows_ * vocab)) logits_ = buffer<float>(std::size_t(logit_rows_ * vocab));
+    const tensor_view<float, 2> gathered(a.attention_out.data(), {logit_rows_, c});
+    for (index_t r = 0; r < logit_rows_; ++r)
+      std::copy(&x(logit_row_index_[std::size_t(r)], 0), &x(logit_row_index_[std::size_t(r)], 0) + c, &gathered(r, 0));
+    const tensor_view<float, 2> normed(a.attention_norm_out.data(), {logit_rows_, c});
+    block::norm_forward(exec_, as_const(gathered), as_const(weights_.final_norm_weight),
+                        as_const(weights_.final_norm_bias), normed,
+                        tensor_view<float, 1>(a.attention_norm_mean.data(), {logit_rows_}),
+                        tensor_view<float, 1>(a.attention_norm_rstd.data(), {logit_rows_}));
+    ops::linear(exec_, as_const(normed), weights_.lm_head, tensor_view<float, 2>(logits_.data(), {logit_rows_, vocab}));
   }
+
+  // The rows of one segment of an (N, heads, D) view.
+  template <class T>
+  static tensor_view<T, 3> rows_of(tensor_view<T, 3> v, const segment& seg) {
+    return tensor_view<T, 3>(v.data() + seg.first_row * v.stride(0), {seg.rows, v.extent(1), v.extent(2)},
+                             {v.stride(0), v.stride(1), v.stride(2)});
+  }
+
+  static tensor_view<float, 1> flat(tensor_view<float, 2> v) { return {v.data(), {v.size()}}; }
 
   Exec exec_;
   index_t max_chunk_;
   buffer<float> dense_;  // embeddings, norms, biases (fp32)
-  // The linear weights' bytes, which the matrices below live in (declared
-  // first: destroyed after them).
+  // The linear weights' bytes, which the matrices in weights_ live in
+  // (declared first: destroyed after them).
   buffer<std::byte> weight_arena_;
-  tensor_view<float, 2> token_embedding_, position_embedding_;  // (V, C), (max_seq, C)
-  layer_weights layers_[n_layer];
-  tensor_view<float, 1> final_norm_weight_, final_norm_bias_;  // (C)
-  weight_matrix lm_head_;                                      // (V, C)
-  buffer<float> rope_;                                         // cos (max_seq, D/2), then sin
+  weights_type weights_;
+  std::size_t weight_bytes_ = 0;
+  nn::rope_table_storage<Cfg, Exec> rope_;
 
   buffer<float> scratch_;
-  float *x_ = nullptr, *normed_ = nullptr, *attention_ = nullptr, *projection_ = nullptr, *qkv_ = nullptr,
-        *up_ = nullptr, *activation_ = nullptr, *mean_ = nullptr, *rstd_ = nullptr;
-  tensor_view<float, 1> logits_;  // (V)
-  buffer<std::int32_t> ids_;      // token ids, then positions: (2 * max_chunk)
-  buffer<float> weight_scratch_;  // one block linear dequantized, for long chunks (packed formats only)
-  buffer<bf16> activation_bf16_;  // a long chunk's activations rounded to bf16 (bf16_gemm only)
+  buffer<std::int32_t> ids_;  // token ids, then positions: (2 * max_chunk)
+  buffer<float> logits_;      // (logit rows, V), grown to the most rows asked for
+  std::vector<index_t> logit_row_index_;
+  index_t logit_rows_ = 0;
+  std::vector<segment> segments_;
+  batch single_;  // prefill's and decode's one-sequence batch
 };
 
 }  // namespace ctformer::infer

@@ -208,8 +208,66 @@ class kv_cache {
     --open_count_;
   }
 
+  /// Opens a new sequence holding a copy of `from`'s committed positions
+  /// [0, length(from)) in every layer (the bits as stored): both then grow
+  /// independently. Throws cache_exhausted, with nothing changed, when the
+  /// pool (or the slots) cannot hold the copy.
+  sequence_id fork(sequence_id from) {
+    const index_t length = at(from, "fork").length;
+    if (blocks_needed_for(0, length) > free_block_count() - (paged ? 0 : 1))
+      throw cache_exhausted("ctformer::infer::kv_cache::fork: sequence " + std::to_string(from) + " holds " +
+                            std::to_string(length) + " positions, more than the " +
+                            std::to_string(free_block_count()) + " free blocks of " + std::to_string(block_tokens_) +
+                            " positions can copy");
+    const sequence_id id = open_sequence();
+    reserve(id, length);
+    const index_t scales_per_layer = layer_elements_ / head_dim_;
+    for (index_t layer = 0; layer < n_layer_; ++layer) {
+      const kv_view<const element_type> source = view_of(layer, sequences_[std::size_t(from)]);
+      const kv_view<const element_type> target = view_of(layer, sequences_[std::size_t(id)]);
+      element_type* kl = k_.data() + layer * layer_elements_;
+      element_type* vl = v_.data() + layer * layer_elements_;
+      for (index_t pos = 0; pos < length; ++pos)
+        for (index_t g = 0; g < kv_heads_; ++g) {
+          const index_t a = source.offset(pos, g), b = target.offset(pos, g);
+          std::copy(kl + a, kl + a + head_dim_, kl + b);
+          std::copy(vl + a, vl + a + head_dim_, vl + b);
+          if constexpr (quantized) {
+            const index_t sa = layer * scales_per_layer + a / head_dim_, sb = layer * scales_per_layer + b / head_dim_;
+            k_scale_[std::size_t(sb)] = k_scale_[std::size_t(sa)];
+            v_scale_[std::size_t(sb)] = v_scale_[std::size_t(sa)];
+          }
+        }
+    }
+    sequences_[std::size_t(id)].length = length;
+    return id;
+  }
+
   /// Sequences open now.
   index_t open_sequences() const { return open_count_; }
+  /// Whether id names an open sequence.
+  bool is_open(sequence_id id) const {
+    return id >= 0 && std::size_t(id) < sequences_.size() && sequences_[std::size_t(id)].open;
+  }
+
+  /// Blocks reserve(id, new_length) would take from the pool (0 when the
+  /// sequence already has room, and always for a contiguous cache).
+  index_t blocks_needed(sequence_id id, index_t new_length) const {
+    return blocks_needed_for(index_t(at(id, "blocks_needed").blocks.size()), new_length);
+  }
+
+  /// Gives back the blocks past the sequence's committed length (a paged
+  /// cache; what a failed or abandoned reservation took).
+  void release_unused(sequence_id id) {
+    sequence& s = at(id, "release_unused");
+    if constexpr (paged) {
+      const index_t keep = (s.length + block_tokens_ - 1) / block_tokens_;
+      while (index_t(s.blocks.size()) > keep) {
+        free_blocks_.push_back(s.blocks.back());
+        s.blocks.pop_back();
+      }
+    }
+  }
 
   /// Positions written and committed by set_length.
   index_t length(sequence_id id) const { return at(id, "length").length; }
@@ -308,6 +366,12 @@ class kv_cache {
     std::vector<std::int32_t> blocks;  // physical block of each logical block (contiguous: the slot)
     std::vector<std::int32_t> layout;  // contiguous only: the slot's layout blocks, in order
   };
+
+  index_t blocks_needed_for(index_t held, index_t new_length) const {
+    if constexpr (!paged) return 0;
+    const index_t needed = (new_length + block_tokens_ - 1) / block_tokens_ - held;
+    return needed > 0 ? needed : 0;
+  }
 
   kv_view<const element_type> view_of(index_t layer, const sequence& s) const {
     kv_view<const element_type> out;

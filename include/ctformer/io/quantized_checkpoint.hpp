@@ -16,6 +16,7 @@
 
 #include "ctformer/io/checkpoint.hpp"
 #include "ctformer/io/safetensors.hpp"
+#include "ctformer/nn/block.hpp"
 #include "ctformer/nn/config.hpp"
 #include "ctformer/nn/parameters.hpp"
 #include "ctformer/quant/formats.hpp"
@@ -182,6 +183,94 @@ packed_weight_map<Format> load_quantized_checkpoint(const std::filesystem::path&
   model.parameters_changed();
   return packed;
 }
+
+/// A quantized checkpoint as an inference model's weight source: the linear
+/// weights' packed bytes go straight into the model's matrices (no detour
+/// through an fp32 model, no gradient buffer), the other tensors are read as
+/// fp32. Everything is validated when the source opens (format, weight
+/// format, configuration, every tensor's dtype and shape, nothing missing or
+/// extra), so building a model from it fails, if it fails, before any weight
+/// is packed. A tied LM head is quantized from the F32 token embedding, as
+/// the quantizer did.
+///
+///   io::quantized_checkpoint_source<Cfg, quant::q4_0> source(path);
+///   infer::inference_model<Cfg, quant::q4_0, KvPolicy> model(source, max_chunk, exec);
+/// @tparam Cfg the model configuration the file must hold
+/// @tparam Format the weight_format the file must hold (visit_weight_format picks it from the metadata)
+template <class Cfg, quant::weight_format Format>
+class quantized_checkpoint_source {
+ public:
+  explicit quantized_checkpoint_source(const std::filesystem::path& path) : file_(safetensors_file::read(path)) {
+    detail::check_quantized_format(file_);
+    const std::string format = detail::required_metadata(file_, "weight_format");
+    if (format != Format::name)
+      detail::fail(path, "the weights are stored as '" + format + "', but '" + std::string(Format::name) +
+                             "' was requested");
+    const std::string config = detail::required_metadata(file_, "config");
+    if (!detail::same_config(config, nn::config_json<Cfg>()))
+      detail::fail(path, "the model configuration differs: the file has " + config + ", the model is " +
+                             nn::config_json<Cfg>());
+    vocabulary_ = detail::required_metadata(file_, "vocabulary");
+    std::set<std::string> expected;
+    for (const nn::parameter_info& p : nn::parameter_table_of<Cfg>()) {
+      if (detail::is_packed_weight(p)) {
+        const index_t shape[] = {p.shape[0], index_t(Format::row_bytes(p.shape[1]))};
+        file_.require(p.name, dtype::u8, shape);
+      } else {
+        file_.require(p.name, dtype::f32, p.shape);
+      }
+      expected.insert(p.name);
+    }
+    for (const auto& [name, info] : file_.tensors())
+      if (!expected.count(name))
+        detail::fail_tensor(path, name, "is in the file but not in the model (a different model?)");
+  }
+
+  const std::string& vocabulary() const { return vocabulary_; }
+
+  /// The F32 values of a dense tensor (shape already validated).
+  const float* dense(const std::string& name, const std::vector<index_t>& shape) const {
+    const nn::parameter_info& p = entry(name);
+    if (p.shape != shape || detail::is_packed_weight(p))
+      detail::fail_tensor(file_.path(), name, "is asked for as a dense tensor of another shape");
+    // safetensors gives no alignment guarantee for a tensor's bytes: copy.
+    std::vector<float>& values = dense_[name];
+    const auto bytes = file_.bytes(name);
+    values.resize(bytes.size() / sizeof(float));
+    if (!bytes.empty()) std::memcpy(values.data(), bytes.data(), bytes.size());
+    return values.data();
+  }
+
+  /// Fills `out` with tensor `name`'s packed rows as stored (a dense F32
+  /// tensor, the tied head, is quantized).
+  void packed(const std::string& name, quant::packed_matrix<Format>& out) const {
+    const nn::parameter_info& p = entry(name);
+    if (p.shape.size() != 2 || p.shape[0] != out.rows() || p.shape[1] != out.cols())
+      detail::fail_tensor(file_.path(), name, "is asked for as a matrix of another shape");
+    if (detail::is_packed_weight(p)) {
+      const auto bytes = file_.bytes(name);
+      if (bytes.size() != out.bytes()) detail::fail_tensor(file_.path(), name, "has the wrong number of bytes");
+      if (!bytes.empty()) std::memcpy(out.data(), bytes.data(), bytes.size());
+    } else {
+      const float* values = dense(name, p.shape);
+      for (index_t r = 0; r < out.rows(); ++r) Format::quantize_row(values + r * out.cols(), out.row(r), out.cols());
+      dense_.erase(name);
+    }
+  }
+
+ private:
+  const nn::parameter_info& entry(const std::string& name) const {
+    for (const auto& p : table_)
+      if (p.name == name) return p;
+    detail::fail_tensor(file_.path(), name, "is not a parameter of the configuration");
+    return table_.front();
+  }
+
+  safetensors_file file_;
+  std::vector<nn::parameter_info> table_ = nn::parameter_table_of<Cfg>();
+  std::string vocabulary_;
+  mutable std::map<std::string, std::vector<float>> dense_;
+};
 
 /// Loads only the parameters of a training checkpoint (io::save_checkpoint's
 /// files) into model, for inference or evaluation: tensors named

@@ -1,11 +1,12 @@
 // nn::model<Cfg, Exec>: a decoder-only Transformer (GPT-2 and LLaMA families)
-// with training forward and backward over one flat parameter buffer, one flat
-// gradient buffer and one activation arena.
+// for training: the blocks of nn/block.hpp between the embeddings and the
+// head, over one flat parameter buffer, one flat gradient buffer and one
+// activation arena.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <random>
 #include <string>
 #include <type_traits>
@@ -13,94 +14,34 @@
 
 #include "ctformer/core/core.hpp"
 #include "ctformer/exec/exec.hpp"
+#include "ctformer/nn/block.hpp"
 #include "ctformer/nn/config.hpp"
 #include "ctformer/nn/parameters.hpp"
 #include "ctformer/ops/ops.hpp"
 
 namespace ctformer::nn {
 
-/// The parameter tensors of one pre-norm block, as views into a flat buffer
-/// (the same struct is bound once to the parameters and once to the gradients).
-template <model_config Cfg>
-struct block_tensors {
-  using traits = config_traits<Cfg>;
-  static constexpr bool has_norm_bias = std::same_as<typename Cfg::norm, layer_norm>;
+/// Hands out consecutive pieces of one float (or int) arena. With a null
+/// base it only counts: the walk that sizes an arena is the walk that carves
+/// it, so the two cannot disagree.
+template <class T>
+class arena_carver {
+ public:
+  explicit arena_carver(T* base) : base_(base) {}
+  tensor_view<T, 1> take(index_t count) { return {next(count), {count}}; }
+  tensor_view<T, 2> take(index_t rows, index_t cols) { return {next(rows * cols), {rows, cols}}; }
+  tensor_view<T, 4> take(index_t a, index_t b, index_t c, index_t d) { return {next(a * b * c * d), {a, b, c, d}}; }
+  index_t used() const { return used_; }
 
-  tensor_view<float, 1> attention_norm_weight, attention_norm_bias;  // (C)
-  tensor_view<float, 2> qkv_weight;                                  // (qkv_width, C): q, k, v rows stacked
-  tensor_view<float, 1> qkv_bias;                                    // (qkv_width)
-  tensor_view<float, 2> output_weight;                               // (C, C)
-  tensor_view<float, 1> output_bias;                                 // (C)
-  tensor_view<float, 1> mlp_norm_weight, mlp_norm_bias;              // (C)
-  tensor_view<float, 2> up_weight;                                   // (up_width, C): gate rows first when gated
-  tensor_view<float, 1> up_bias;                                     // (up_width)
-  tensor_view<float, 2> down_weight;                                 // (C, F)
-  tensor_view<float, 1> down_bias;                                   // (C)
-
-  /// Calls visit(name, view, shape, kind) for every tensor this block has, in
-  /// layout order: the single list that layout, binding and checkpoints share.
-  template <class Visit>
-  void visit(const std::string& prefix, Visit&& visit) {
-    constexpr index_t c = traits::d_model;
-    visit(prefix + "attention_norm.weight", attention_norm_weight, {c}, parameter_kind::norm);
-    if constexpr (has_norm_bias) visit(prefix + "attention_norm.bias", attention_norm_bias, {c}, parameter_kind::norm);
-    visit(prefix + "attention.qkv.weight", qkv_weight, {traits::qkv_width, c}, parameter_kind::matrix);
-    if constexpr (traits::bias) visit(prefix + "attention.qkv.bias", qkv_bias, {traits::qkv_width}, parameter_kind::bias);
-    visit(prefix + "attention.output.weight", output_weight, {c, c}, parameter_kind::matrix);
-    if constexpr (traits::bias) visit(prefix + "attention.output.bias", output_bias, {c}, parameter_kind::bias);
-    visit(prefix + "mlp_norm.weight", mlp_norm_weight, {c}, parameter_kind::norm);
-    if constexpr (has_norm_bias) visit(prefix + "mlp_norm.bias", mlp_norm_bias, {c}, parameter_kind::norm);
-    visit(prefix + "mlp.up.weight", up_weight, {traits::up_width, c}, parameter_kind::matrix);
-    if constexpr (traits::bias) visit(prefix + "mlp.up.bias", up_bias, {traits::up_width}, parameter_kind::bias);
-    visit(prefix + "mlp.down.weight", down_weight, {c, traits::d_ff}, parameter_kind::matrix);
-    if constexpr (traits::bias) visit(prefix + "mlp.down.bias", down_bias, {c}, parameter_kind::bias);
+ private:
+  T* next(index_t count) {
+    T* at = base_ ? base_ + used_ : nullptr;
+    used_ += count;
+    return at;
   }
+  T* base_;
+  index_t used_ = 0;
 };
-
-/// The model's own tensors around the blocks.
-template <model_config Cfg>
-struct model_tensors {
-  using config = Cfg;
-  using traits = config_traits<Cfg>;
-  static constexpr bool has_norm_bias = std::same_as<typename Cfg::norm, layer_norm>;
-  static constexpr bool learned_positions = std::same_as<typename Cfg::position, learned_position>;
-
-  tensor_view<float, 2> token_embedding;     // (V, C)
-  tensor_view<float, 2> position_embedding;  // (max_seq, C), learned positions only
-  block_tensors<Cfg> blocks[traits::n_layer];
-  tensor_view<float, 1> final_norm_weight, final_norm_bias;  // (C)
-  tensor_view<float, 2> lm_head;                             // (V, C); the token embedding when tied
-
-  template <class Visit>
-  void visit(Visit&& visit) {
-    constexpr index_t c = traits::d_model;
-    visit(std::string("token_embedding.weight"), token_embedding, {traits::vocab, c}, parameter_kind::embedding);
-    if constexpr (learned_positions)
-      visit(std::string("position_embedding.weight"), position_embedding, {traits::max_seq, c},
-            parameter_kind::embedding);
-    for (int l = 0; l < traits::n_layer; ++l) blocks[l].visit("blocks." + std::to_string(l) + ".", visit);
-    visit(std::string("final_norm.weight"), final_norm_weight, {c}, parameter_kind::norm);
-    if constexpr (has_norm_bias) visit(std::string("final_norm.bias"), final_norm_bias, {c}, parameter_kind::norm);
-    if constexpr (!traits::tie_embeddings)
-      visit(std::string("lm_head.weight"), lm_head, {traits::vocab, c}, parameter_kind::matrix);
-  }
-};
-
-namespace detail {
-// Points every view of a model_tensors at its place in a flat buffer, walking
-// the tensors in the same order as the layout was built.
-template <class Tensors>
-void bind(Tensors& tensors, float* base) {
-  parameter_layout layout;
-  tensors.visit([&]<int Rank>(const std::string& name, tensor_view<float, Rank>& view, std::vector<index_t> shape,
-                              parameter_kind kind) {
-    std::array<index_t, Rank> extents{};
-    for (int d = 0; d < Rank; ++d) extents[d] = shape[std::size_t(d)];
-    view = tensor_view<float, Rank>(base + layout.add(name, std::move(shape), kind), extents);
-  });
-  if constexpr (config_traits<typename Tensors::config>::tie_embeddings) tensors.lm_head = tensors.token_embedding;
-}
-}  // namespace detail
 
 /// A decoder-only Transformer whose dimensions come from Cfg and whose
 /// operations run on Exec. Holds the parameters, their gradients (same
@@ -116,6 +57,7 @@ class model {
   using config = Cfg;
   using traits = config_traits<Cfg>;
   using exec_type = Exec;
+  using block = decoder_block<Cfg>;
   template <class T>
   using storage = buffer_for<T, Exec>;
 
@@ -125,20 +67,14 @@ class model {
 
   /// Parameters initialised as GPT-2 does: N(0, 0.02) matrices and embeddings,
   /// residual output projections scaled by 1/sqrt(2 n_layer), norms 1, biases 0.
-  explicit model(Exec exec = Exec{}, std::uint64_t seed = 0) : exec_(exec) {
-    model_tensors<Cfg> probe;
-    parameter_layout layout;
-    probe.visit([&]<int Rank>(const std::string& name, tensor_view<float, Rank>&, std::vector<index_t> shape,
-                              parameter_kind kind) { layout.add(name, std::move(shape), kind); });
-    table_ = layout.table();
-    parameter_count_ = layout.total();
+  explicit model(Exec exec = Exec{}, std::uint64_t seed = 0)
+      : exec_(exec), table_(parameter_table_of<Cfg>()), parameter_count_(parameter_count_of<Cfg>()), rope_(exec) {
     parameters_ = storage<float>(std::size_t(parameter_count_));
     gradients_ = storage<float>(std::size_t(parameter_count_));
-    detail::bind(params_, parameters_.data());
-    detail::bind(grads_, gradients_.data());
+    bind_weights(params_, parameters_.data());
+    bind_weights(grads_, gradients_.data());
     initialise(seed);
     zero_gradients();
-    if constexpr (std::same_as<typename Cfg::position, rope>) build_rope_tables();
   }
 
   model(const model&) = delete;
@@ -150,9 +86,9 @@ class model {
   tensor_view<float, 1> parameters() { return {parameters_.data(), {parameter_count_}}; }
   tensor_view<float, 1> gradients() { return {gradients_.data(), {parameter_count_}}; }
   tensor_view<const float, 1> parameters() const { return {parameters_.data(), {parameter_count_}}; }
-  /// Parameter tensors as named views (token_embedding, blocks[l].qkv_weight, ...).
-  model_tensors<Cfg>& weights() { return params_; }
-  model_tensors<Cfg>& weight_gradients() { return grads_; }
+  /// Parameter tensors as named views (token_embedding, blocks[l].qkv, ...).
+  model_weights<Cfg>& weights() { return params_; }
+  model_weights<Cfg>& weight_gradients() { return grads_; }
   /// The elements that receive weight decay: matrices, plus embeddings when
   /// decay_embeddings, everything when decay_all.
   std::vector<parameter_range> decay_ranges(bool decay_all = false, bool decay_embeddings = false) const {
@@ -185,213 +121,148 @@ class model {
   template <class Compute = float>
   tensor_view<const float, 3> logits(tensor_view<const std::int32_t, 2> inputs) {
     forward<Compute>(inputs, tensor_view<const std::int32_t, 2>{});
-    return tensor_view<const float, 3>(arena_.logits.data(), {batch_, seq_, vocab});
+    return tensor_view<const float, 3>(step_.logits.data(), {batch_, seq_, vocab});
   }
 
   /// Call after changing the parameters outside forward/backward (an optimizer
   /// step, a checkpoint load): drops the cached low-precision weight copy.
   void parameters_changed() { compute_weights_valid_ = false; }
 
+  /// Bytes of the activation arena now (it grows to the largest batch seen).
+  std::size_t activation_bytes() const {
+    return arena_.floats.size() * sizeof(float) + arena_.ints.size() * sizeof(std::int32_t) +
+           compute_scratch_.size() * sizeof(bf16);
+  }
+
  private:
-  // Every activation the backward pass needs, plus gradient scratch; sized
-  // for batch_capacity x seq_capacity and carved for the current (B, T).
+  // The arena: every activation the backward pass needs, plus gradient
+  // scratch, sized for batch_capacity x seq_capacity and carved per (B, T).
   struct activation_arena {
     storage<float> floats;
     storage<std::int32_t> ints;
     std::vector<float> host_losses;
     std::vector<std::int32_t> host_ints;
     index_t batch_capacity = 0, seq_capacity = 0;
-    tensor_view<float, 1> logits;  // (N * V)
-  };
-
-  // Views into the arena for one (B, T).
-  struct layer_activations {
-    tensor_view<float, 2> residual_in, residual_mid;  // (N, C) block input; after attention
-    tensor_view<float, 2> attention_norm_out;         // (N, C)
-    tensor_view<float, 1> attention_norm_mean, attention_norm_rstd;  // (N)
-    tensor_view<float, 2> qkv;                         // (N, qkv_width), after RoPE
-    tensor_view<float, 4> probs;                       // (B, H, T, T)
-    tensor_view<float, 2> attention_out;               // (N, C) before the output projection
-    tensor_view<float, 2> mlp_norm_out;                // (N, C)
-    tensor_view<float, 1> mlp_norm_mean, mlp_norm_rstd;  // (N)
-    tensor_view<float, 2> up_out;                      // (N, up_width) before the activation
-    tensor_view<float, 2> activation_out;              // (N, F)
   };
 
   struct step_views {
-    layer_activations layers[traits::n_layer];
+    block_activations layers[traits::n_layer];
+    tensor_view<float, 4> probs[traits::n_layer];   // (B, H, T, T) per layer
     tensor_view<float, 2> final_in, final_norm_out;  // (N, C)
     tensor_view<float, 1> final_norm_mean, final_norm_rstd;
     tensor_view<float, 2> logits;                     // (N, V); dlogits in place
     tensor_view<float, 1> losses;                     // (N)
-    tensor_view<float, 2> d_residual, d_scratch, d_norm;  // (N, C)
-    tensor_view<float, 2> d_qkv;                      // (N, qkv_width)
-    tensor_view<float, 2> d_attention;                // (N, C)
-    tensor_view<float, 2> d_up;                       // (N, up_width)
-    tensor_view<float, 2> d_activation;               // (N, F)
+    block_gradient_scratch gradient;                  // (N, ...) rows
     tensor_view<std::int32_t, 1> tokens, targets, positions;  // (N)
-    tensor_view<bf16, 1> compute_a, compute_b;        // low-precision GEMM operand scratch
+    tensor_view<bf16, 1> compute_a, compute_b;        // mixed-precision operand scratch
   };
 
-  static index_t floats_for(index_t b, index_t t) {
+  // The one walk over the arena's pieces: with null bases it sizes them.
+  static step_views carve(float* floats, std::int32_t* ints, index_t b, index_t t, index_t* float_count = nullptr) {
+    step_views s;
     const index_t n = b * t;
-    const index_t per_layer = n * (5 * d_model + 2 * 2 + traits::qkv_width + traits::up_width + d_ff) +
-                              b * n_head * t * t;
-    const index_t scratch = n * (3 * d_model + traits::qkv_width + d_model + traits::up_width + d_ff);
-    return n_layer * per_layer + n * (2 * d_model + 2 + vocab + 1) + scratch;
+    arena_carver<float> f(floats);
+    for (int l = 0; l < n_layer; ++l) {
+      block_activations& a = s.layers[l];
+      a.residual_in = l == 0 ? f.take(n, d_model) : s.layers[l - 1].residual_out;
+      a.residual_mid = f.take(n, d_model);
+      a.residual_out = f.take(n, d_model);
+      a.attention_norm_out = f.take(n, d_model);
+      a.attention_norm_mean = f.take(n);
+      a.attention_norm_rstd = f.take(n);
+      a.qkv = f.take(n, traits::qkv_width);
+      s.probs[l] = f.take(b, n_head, t, t);
+      a.attention_out = f.take(n, d_model);
+      a.mlp_norm_out = f.take(n, d_model);
+      a.mlp_norm_mean = f.take(n);
+      a.mlp_norm_rstd = f.take(n);
+      a.up_out = f.take(n, traits::up_width);
+      a.activation_out = f.take(n, d_ff);
+    }
+    s.final_in = s.layers[n_layer - 1].residual_out;
+    s.final_norm_out = f.take(n, d_model);
+    s.final_norm_mean = f.take(n);
+    s.final_norm_rstd = f.take(n);
+    s.logits = f.take(n, vocab);
+    s.losses = f.take(n);
+    s.gradient.d_residual = f.take(n, d_model);
+    s.gradient.d_scratch = f.take(n, d_model);
+    s.gradient.d_norm = f.take(n, d_model);
+    s.gradient.d_attention = f.take(n, d_model);
+    s.gradient.d_qkv = f.take(n, traits::qkv_width);
+    s.gradient.d_up = f.take(n, traits::up_width);
+    s.gradient.d_activation = f.take(n, d_ff);
+    if (float_count) *float_count = f.used();
+    arena_carver<std::int32_t> i(ints);
+    s.tokens = i.take(n);
+    s.targets = i.take(n);
+    s.positions = i.take(n);
+    return s;
   }
-  static index_t compute_scratch_for(index_t b, index_t t) {
-    // The largest GEMM operand that is an activation: (N, V) dlogits or an (N, width) activation.
-    const index_t n = b * t;
-    index_t widest = std::max<index_t>({vocab, traits::qkv_width, traits::up_width, d_model});
-    return n * widest;
+  static constexpr index_t ints_per_token = 3;  // tokens, targets, positions: what carve takes of ints
+
+  // The widest activation that is a GEMM operand: (N, V) dlogits or an (N, width) activation.
+  static index_t widest_operand(index_t n) {
+    return n * std::max<index_t>({vocab, traits::qkv_width, traits::up_width, d_model});
   }
 
   void reserve(index_t b, index_t t) {
     if (b <= arena_.batch_capacity && t <= arena_.seq_capacity) return;
     const index_t cb = std::max(b, arena_.batch_capacity), ct = std::max(t, arena_.seq_capacity);
-    arena_.floats = storage<float>(std::size_t(floats_for(cb, ct)));
-    arena_.ints = storage<std::int32_t>(std::size_t(3 * cb * ct));
+    index_t floats = 0;
+    carve(nullptr, nullptr, cb, ct, &floats);
+    arena_.floats = storage<float>(std::size_t(floats));
+    arena_.ints = storage<std::int32_t>(std::size_t(ints_per_token * cb * ct));
     arena_.host_losses.assign(std::size_t(cb * ct), 0.0f);
-    arena_.host_ints.assign(std::size_t(3 * cb * ct), 0);
+    arena_.host_ints.assign(std::size_t(ints_per_token * cb * ct), 0);
     arena_.batch_capacity = cb;
     arena_.seq_capacity = ct;
   }
 
   template <class Compute>
-  void reserve_compute(index_t b, index_t t) {
+  void reserve_compute() {
     if constexpr (std::same_as<Compute, bf16>) {
-      const index_t needed = 2 * compute_scratch_for(arena_.batch_capacity, arena_.seq_capacity);
+      const index_t needed = 2 * widest_operand(arena_.batch_capacity * arena_.seq_capacity);
       if (index_t(compute_scratch_.size()) < needed) compute_scratch_ = storage<bf16>(std::size_t(needed));
       if (compute_weights_.size() != std::size_t(parameter_count_))
         compute_weights_ = storage<bf16>(std::size_t(parameter_count_));
+      if (!compute_weights_valid_) {
+        ops::convert(exec_, as_const(parameters()), tensor_view<bf16, 1>(compute_weights_.data(), {parameter_count_}));
+        compute_weights_valid_ = true;
+      }
     }
-    (void)b;
-    (void)t;
   }
 
-  step_views carve(index_t b, index_t t) {
-    step_views s;
-    const index_t n = b * t;
-    float* p = arena_.floats.data();
-    auto take2 = [&](index_t rows, index_t cols) {
-      tensor_view<float, 2> v(p, {rows, cols});
-      p += rows * cols;
-      return v;
-    };
-    auto take1 = [&](index_t count) {
-      tensor_view<float, 1> v(p, {count});
-      p += count;
-      return v;
-    };
-    for (auto& l : s.layers) {
-      l.residual_in = take2(n, d_model);
-      l.residual_mid = take2(n, d_model);
-      l.attention_norm_out = take2(n, d_model);
-      l.attention_norm_mean = take1(n);
-      l.attention_norm_rstd = take1(n);
-      l.qkv = take2(n, traits::qkv_width);
-      l.probs = tensor_view<float, 4>(p, {b, n_head, t, t});
-      p += b * n_head * t * t;
-      l.attention_out = take2(n, d_model);
-      l.mlp_norm_out = take2(n, d_model);
-      l.mlp_norm_mean = take1(n);
-      l.mlp_norm_rstd = take1(n);
-      l.up_out = take2(n, traits::up_width);
-      l.activation_out = take2(n, d_ff);
-    }
-    s.final_in = take2(n, d_model);
-    s.final_norm_out = take2(n, d_model);
-    s.final_norm_mean = take1(n);
-    s.final_norm_rstd = take1(n);
-    s.logits = take2(n, vocab);
-    s.losses = take1(n);
-    s.d_residual = take2(n, d_model);
-    s.d_scratch = take2(n, d_model);
-    s.d_norm = take2(n, d_model);
-    s.d_qkv = take2(n, traits::qkv_width);
-    s.d_attention = take2(n, d_model);
-    s.d_up = take2(n, traits::up_width);
-    s.d_activation = take2(n, d_ff);
-    std::int32_t* ip = arena_.ints.data();
-    s.tokens = tensor_view<std::int32_t, 1>(ip, {n});
-    s.targets = tensor_view<std::int32_t, 1>(ip + n, {n});
-    s.positions = tensor_view<std::int32_t, 1>(ip + 2 * n, {n});
-    const index_t half = compute_scratch_.size() / 2;
-    s.compute_a = tensor_view<bf16, 1>(compute_scratch_.data(), {half});
-    s.compute_b = tensor_view<bf16, 1>(compute_scratch_.data() + half, {half});
-    return s;
-  }
-
-  // q, k and v of a (N, qkv_width) buffer as (B, T, heads, D) views.
-  template <class T>
-  static tensor_view<T, 4> head_view(T* base, index_t b, index_t t, index_t heads, index_t first_column) {
-    const index_t w = traits::qkv_width;
-    return tensor_view<T, 4>(base + first_column, {b, t, heads, head_dim}, {t * w, w, head_dim, 1});
-  }
-
-  // --- GEMMs in the compute type ---------------------------------------------
-  // Returns a view of the same shape and strides over bf16 data: the cached
-  // weight copy when the operand is a parameter, else a conversion into scratch.
-  tensor_view<const bf16, 2> to_bf16(tensor_view<const float, 2> v, tensor_view<bf16, 1> scratch) {
-    const float* base = parameters_.data();
-    const bool row_major = v.stride(1) == 1;
-    const index_t span = row_major ? (v.extent(0) - 1) * v.stride(0) + v.extent(1)
-                                   : (v.extent(1) - 1) * v.stride(1) + v.extent(0);
-    if (v.data() >= base && v.data() < base + parameter_count_)
-      return tensor_view<const bf16, 2>(compute_weights_.data() + (v.data() - base), v.extents(), v.strides());
-    ops::convert(exec_, tensor_view<const float, 1>(v.data(), {span}), tensor_view<bf16, 1>(scratch.data(), {span}));
-    return tensor_view<const bf16, 2>(scratch.data(), v.extents(), v.strides());
-  }
-
+  // What ops::linear multiplies by for a parameter matrix: the fp32 view, or
+  // (bf16 compute) the cached bf16 copy at the same offset with the step's
+  // operand scratch.
   template <class Compute>
-  void matmul(step_views& s, tensor_view<const float, 2> a, tensor_view<const float, 2> b, tensor_view<float, 2> c,
-              float beta) {
+  auto operand_of() {
     if constexpr (std::same_as<Compute, float>) {
-      ops::gemm(exec_, a, b, c, 1.0f, beta);
+      return [](const tensor_view<float, 2>& m) { return as_const(m); };
     } else {
       static_assert(std::same_as<Compute, bf16>, "ctformer: the model computes in float or bf16");
-      ops::gemm(exec_, to_bf16(a, s.compute_a), to_bf16(b, s.compute_b), c, 1.0f, beta);
+      return [this](const tensor_view<float, 2>& m) {
+        const bf16* copy = compute_weights_.data() + (m.data() - parameters_.data());
+        return ops::mixed_precision_weight<bf16>{tensor_view<const bf16, 2>(copy, m.extents(), m.strides()),
+                                                 step_.compute_a, step_.compute_b};
+      };
     }
   }
 
-  // y (N, O) = x (N, I) W^T (+ bias), or += when accumulate.
-  template <class Compute>
-  void linear_forward(step_views& s, tensor_view<const float, 2> x, tensor_view<float, 2> weight,
-                      tensor_view<float, 1> bias, tensor_view<float, 2> y, bool accumulate) {
-    matmul<Compute>(s, x, as_const(weight).transposed(), y, accumulate ? 1.0f : 0.0f);
-    if constexpr (traits::bias) ops::add_bias(exec_, y, bias);
-  }
-
-  // dx = dy W (overwritten, or accumulated); dW += dy^T x; db += sum dy.
-  template <class Compute>
-  void linear_backward(step_views& s, tensor_view<const float, 2> dy, tensor_view<const float, 2> x,
-                       tensor_view<float, 2> weight, tensor_view<float, 2> dweight, tensor_view<float, 1> dbias,
-                       tensor_view<float, 2> dx, bool accumulate_dx) {
-    matmul<Compute>(s, dy, as_const(weight), dx, accumulate_dx ? 1.0f : 0.0f);
-    matmul<Compute>(s, dy.transposed(), x, dweight, 1.0f);
-    if constexpr (traits::bias) ops::bias_backward(exec_, dy, dbias);
-  }
-
-  template <class Norm>
-  void norm_forward(tensor_view<const float, 2> x, tensor_view<float, 1> weight, tensor_view<float, 1> bias,
-                    tensor_view<float, 2> y, tensor_view<float, 1> mean, tensor_view<float, 1> rstd) {
-    if constexpr (std::same_as<Norm, layer_norm>)
-      ops::layer_norm_forward(exec_, x, weight, bias, y, mean, rstd, traits::norm_eps);
-    else
-      ops::rms_norm_forward(exec_, x, weight, y, rstd, traits::norm_eps);
-  }
-  template <class Norm>
-  void norm_backward(tensor_view<const float, 2> dy, tensor_view<const float, 2> x, tensor_view<float, 1> weight,
-                     tensor_view<float, 1> mean, tensor_view<float, 1> rstd, tensor_view<float, 2> dx,
-                     tensor_view<float, 1> dweight, tensor_view<float, 1> dbias) {
-    if constexpr (std::same_as<Norm, layer_norm>)
-      ops::layer_norm_backward(exec_, dy, x, weight, mean, rstd, dx, dweight, dbias);
-    else
-      ops::rms_norm_backward(exec_, dy, x, weight, rstd, dx, dweight);
+  // (N, heads, D) rows of a (B, T) batch as the (B, T, heads, D) views the training attention takes.
+  template <class T>
+  static tensor_view<T, 4> batch_view(tensor_view<T, 3> rows, index_t b, index_t t) {
+    return tensor_view<T, 4>(rows.data(), {b, t, rows.extent(1), rows.extent(2)},
+                             {t * rows.stride(0), rows.stride(0), rows.stride(1), rows.stride(2)});
   }
 
   static tensor_view<float, 1> flat(tensor_view<float, 2> v) { return {v.data(), {v.size()}}; }
+
+  void final_norm_forward(const step_views& s) {
+    block::norm_forward(exec_, as_const(s.final_in), as_const(params_.final_norm_weight),
+                        as_const(params_.final_norm_bias), s.final_norm_out, s.final_norm_mean, s.final_norm_rstd);
+  }
 
   // --- forward ------------------------------------------------------------------
   template <class Compute>
@@ -404,21 +275,19 @@ class model {
     const bool with_targets = targets.data() != nullptr;
     if (with_targets) require_same_shape("model::forward", "inputs", inputs, "targets", targets);
     reserve(b, t);
-    reserve_compute<Compute>(b, t);
     batch_ = b;
     seq_ = t;
-    step_ = carve(b, t);
-    step_views& s = step_;
+    step_ = carve(arena_.floats.data(), arena_.ints.data(), b, t);
+    reserve_compute<Compute>();
+    if constexpr (std::same_as<Compute, bf16>) {
+      const index_t half = compute_scratch_.size() / 2;
+      step_.compute_a = tensor_view<bf16, 1>(compute_scratch_.data(), {half});
+      step_.compute_b = tensor_view<bf16, 1>(compute_scratch_.data() + half, {half});
+    }
+    const step_views& s = step_;
     const index_t n = b * t;
 
-    if constexpr (std::same_as<Compute, bf16>) {
-      if (!compute_weights_valid_) {
-        ops::convert(exec_, as_const(parameters()), tensor_view<bf16, 1>(compute_weights_.data(), {parameter_count_}));
-        compute_weights_valid_ = true;
-      }
-    }
-
-    // Token ids go to the policy's memory through a host staging copy.
+    // Token ids, targets and positions go to the policy's memory through a host staging copy.
     std::int32_t* host = arena_.host_ints.data();
     for (index_t i = 0; i < b; ++i)
       for (index_t j = 0; j < t; ++j) {
@@ -426,50 +295,29 @@ class model {
         host[n + i * t + j] = with_targets ? targets(i, j) : -1;
         host[2 * n + i * t + j] = std::int32_t(j);
       }
-    ops::copy(exec_, tensor_view<const std::int32_t, 1>(host, {3 * n}),
-              tensor_view<std::int32_t, 1>(s.tokens.data(), {3 * n}));
+    ops::copy(exec_, tensor_view<const std::int32_t, 1>(host, {ints_per_token * n}),
+              tensor_view<std::int32_t, 1>(s.tokens.data(), {ints_per_token * n}));
 
     auto x = s.layers[0].residual_in;
-    ops::embedding_forward(exec_, s.tokens, params_.token_embedding, x);
-    if constexpr (model_tensors<Cfg>::learned_positions) {
-      ops::embedding_forward(exec_, s.positions, params_.position_embedding, s.d_scratch);
-      ops::add(exec_, flat(x), flat(s.d_scratch), flat(x));
+    ops::embedding_forward(exec_, as_const(s.tokens), as_const(params_.token_embedding), x);
+    if constexpr (model_weights<Cfg>::learned_positions) {
+      ops::embedding_forward(exec_, as_const(s.positions), as_const(params_.position_embedding), s.gradient.d_scratch);
+      ops::add(exec_, as_const(flat(x)), as_const(flat(s.gradient.d_scratch)), flat(x));
     }
 
     const float scale = 1.0f / std::sqrt(float(head_dim));
+    const auto operand = operand_of<Compute>();
     for (int l = 0; l < n_layer; ++l) {
-      auto& a = s.layers[l];
-      auto& w = params_.blocks[l];
-      norm_forward<typename Cfg::norm>(a.residual_in, w.attention_norm_weight, w.attention_norm_bias,
-                                       a.attention_norm_out, a.attention_norm_mean, a.attention_norm_rstd);
-      linear_forward<Compute>(s, a.attention_norm_out, w.qkv_weight, w.qkv_bias, a.qkv, false);
-      auto q = head_view(a.qkv.data(), b, t, n_head, 0);
-      auto k = head_view(a.qkv.data(), b, t, n_kv_head, n_head * head_dim);
-      auto v = head_view(a.qkv.data(), b, t, n_kv_head, (n_head + n_kv_head) * head_dim);
-      if constexpr (std::same_as<typename Cfg::position, rope>) {
-        ops::rope_forward(exec_, q, rope_cos_view(), rope_sin_view());
-        ops::rope_forward(exec_, k, rope_cos_view(), rope_sin_view());
-      }
-      auto out = tensor_view<float, 4>(a.attention_out.data(), {b, t, n_head, head_dim});
-      ops::causal_attention_forward(exec_, q, k, v, out, a.probs, scale);
-      ops::copy(exec_, as_const(flat(a.residual_in)), flat(a.residual_mid));
-      linear_forward<Compute>(s, a.attention_out, w.output_weight, w.output_bias, a.residual_mid, true);
-
-      norm_forward<typename Cfg::norm>(a.residual_mid, w.mlp_norm_weight, w.mlp_norm_bias, a.mlp_norm_out,
-                                       a.mlp_norm_mean, a.mlp_norm_rstd);
-      linear_forward<Compute>(s, a.mlp_norm_out, w.up_weight, w.up_bias, a.up_out, false);
-      if constexpr (traits::gated)
-        ops::swiglu_forward(exec_, a.up_out, a.activation_out);
-      else
-        ops::gelu_forward(exec_, flat(a.up_out), flat(a.activation_out));
-      auto next = l + 1 < n_layer ? s.layers[l + 1].residual_in : s.final_in;
-      ops::copy(exec_, as_const(flat(a.residual_mid)), flat(next));
-      linear_forward<Compute>(s, a.activation_out, w.down_weight, w.down_bias, next, true);
+      const auto probs = s.probs[l];
+      block::forward(exec_, params_.blocks[l], operand, s.layers[l], rope_.view(), as_const(s.positions),
+                     [&](tensor_view<const float, 3> q, tensor_view<const float, 3> k, tensor_view<const float, 3> v,
+                         tensor_view<float, 3> out) {
+                       ops::causal_attention_forward(exec_, batch_view(q, b, t), batch_view(k, b, t),
+                                                     batch_view(v, b, t), batch_view(out, b, t), probs, scale);
+                     });
     }
-    norm_forward<typename Cfg::norm>(s.final_in, params_.final_norm_weight, params_.final_norm_bias,
-                                     s.final_norm_out, s.final_norm_mean, s.final_norm_rstd);
-    matmul<Compute>(s, s.final_norm_out, as_const(params_.lm_head).transposed(), s.logits, 0.0f);
-    arena_.logits = tensor_view<float, 1>(s.logits.data(), {n * vocab});
+    final_norm_forward(s);
+    ops::linear(exec_, as_const(s.final_norm_out), operand(params_.lm_head), s.logits);
     if (!with_targets) return 0.0f;
 
     ops::softmax_cross_entropy_forward(exec_, s.logits, s.targets, s.losses);
@@ -488,57 +336,36 @@ class model {
   // --- backward -----------------------------------------------------------------
   template <class Compute>
   void backward(float grad_scale) {
-    step_views& s = step_;
+    const step_views& s = step_;
     const index_t b = batch_, t = seq_;
     if (counted_targets_ == 0) return;  // nothing to learn from this batch
+    const auto operand = operand_of<Compute>();
+    const auto& d = s.gradient;
     ops::softmax_cross_entropy_backward(exec_, s.logits, s.targets, grad_scale / float(counted_targets_), s.logits);
     // logits = final_norm_out lm_head^T
-    matmul<Compute>(s, s.logits, as_const(params_.lm_head), s.d_norm, 0.0f);
-    matmul<Compute>(s, as_const(s.logits).transposed(), s.final_norm_out, grads_.lm_head, 1.0f);
-    norm_backward<typename Cfg::norm>(s.d_norm, s.final_in, params_.final_norm_weight, s.final_norm_mean,
-                                      s.final_norm_rstd, s.d_residual, grads_.final_norm_weight,
-                                      grads_.final_norm_bias);
+    ops::linear_backward_input(exec_, as_const(s.logits), operand(params_.lm_head), d.d_norm);
+    ops::linear_backward_weight(exec_, as_const(s.logits), as_const(s.final_norm_out), operand(params_.lm_head),
+                                grads_.lm_head);
+    block::norm_backward(exec_, as_const(d.d_norm), as_const(s.final_in), as_const(params_.final_norm_weight),
+                         as_const(s.final_norm_mean), as_const(s.final_norm_rstd), d.d_residual,
+                         grads_.final_norm_weight, grads_.final_norm_bias);
     const float scale = 1.0f / std::sqrt(float(head_dim));
     for (int l = n_layer - 1; l >= 0; --l) {
-      auto& a = s.layers[l];
-      auto& w = params_.blocks[l];
-      auto& g = grads_.blocks[l];
-      // next = residual_mid + activation_out down^T
-      linear_backward<Compute>(s, s.d_residual, a.activation_out, w.down_weight, g.down_weight, g.down_bias,
-                               s.d_activation, false);
-      if constexpr (traits::gated)
-        ops::swiglu_backward(exec_, a.up_out, s.d_activation, s.d_up);
-      else
-        ops::gelu_backward(exec_, flat(a.up_out), flat(s.d_activation), flat(s.d_up));
-      linear_backward<Compute>(s, s.d_up, a.mlp_norm_out, w.up_weight, g.up_weight, g.up_bias, s.d_norm, false);
-      norm_backward<typename Cfg::norm>(s.d_norm, a.residual_mid, w.mlp_norm_weight, a.mlp_norm_mean,
-                                        a.mlp_norm_rstd, s.d_scratch, g.mlp_norm_weight, g.mlp_norm_bias);
-      ops::add(exec_, flat(s.d_residual), flat(s.d_scratch), flat(s.d_residual));
-      // residual_mid = residual_in + attention_out output^T
-      linear_backward<Compute>(s, s.d_residual, a.attention_out, w.output_weight, g.output_weight, g.output_bias,
-                               s.d_attention, false);
-      auto q = head_view(a.qkv.data(), b, t, n_head, 0);
-      auto k = head_view(a.qkv.data(), b, t, n_kv_head, n_head * head_dim);
-      auto v = head_view(a.qkv.data(), b, t, n_kv_head, (n_head + n_kv_head) * head_dim);
-      auto dq = head_view(s.d_qkv.data(), b, t, n_head, 0);
-      auto dk = head_view(s.d_qkv.data(), b, t, n_kv_head, n_head * head_dim);
-      auto dv = head_view(s.d_qkv.data(), b, t, n_kv_head, (n_head + n_kv_head) * head_dim);
-      auto dout = tensor_view<const float, 4>(s.d_attention.data(), {b, t, n_head, head_dim});
-      ops::causal_attention_backward(exec_, dout, q, k, v, a.probs, dq, dk, dv, scale);
-      if constexpr (std::same_as<typename Cfg::position, rope>) {
-        ops::rope_backward(exec_, dq, rope_cos_view(), rope_sin_view());
-        ops::rope_backward(exec_, dk, rope_cos_view(), rope_sin_view());
-      }
-      linear_backward<Compute>(s, s.d_qkv, a.attention_norm_out, w.qkv_weight, g.qkv_weight, g.qkv_bias, s.d_norm,
-                               false);
-      norm_backward<typename Cfg::norm>(s.d_norm, a.residual_in, w.attention_norm_weight, a.attention_norm_mean,
-                                        a.attention_norm_rstd, s.d_scratch, g.attention_norm_weight,
-                                        g.attention_norm_bias);
-      ops::add(exec_, flat(s.d_residual), flat(s.d_scratch), flat(s.d_residual));
+      const auto probs = as_const(s.probs[l]);
+      block::backward(exec_, params_.blocks[l], operand, grads_.blocks[l], s.layers[l], d, rope_.view(),
+                      as_const(s.positions),
+                      [&](tensor_view<const float, 3> dout, tensor_view<const float, 3> q,
+                          tensor_view<const float, 3> k, tensor_view<const float, 3> v, tensor_view<float, 3> dq,
+                          tensor_view<float, 3> dk, tensor_view<float, 3> dv) {
+                        ops::causal_attention_backward(exec_, batch_view(dout, b, t), batch_view(q, b, t),
+                                                       batch_view(k, b, t), batch_view(v, b, t), probs,
+                                                       batch_view(dq, b, t), batch_view(dk, b, t),
+                                                       batch_view(dv, b, t), scale);
+                      });
     }
-    ops::embedding_backward(exec_, s.tokens, s.d_residual, grads_.token_embedding);
-    if constexpr (model_tensors<Cfg>::learned_positions)
-      ops::embedding_backward(exec_, s.positions, s.d_residual, grads_.position_embedding);
+    ops::embedding_backward(exec_, as_const(s.tokens), as_const(d.d_residual), grads_.token_embedding);
+    if constexpr (model_weights<Cfg>::learned_positions)
+      ops::embedding_backward(exec_, as_const(s.positions), as_const(d.d_residual), grads_.position_embedding);
   }
 
   // --- set-up -------------------------------------------------------------------
@@ -565,31 +392,12 @@ class model {
     compute_weights_valid_ = false;
   }
 
-  void build_rope_tables() {
-    const index_t half = head_dim / 2;
-    std::vector<float> host(std::size_t(2 * max_seq * half));
-    for (index_t pos = 0; pos < max_seq; ++pos)
-      for (index_t c = 0; c < half; ++c) {
-        const double frequency = std::pow(double(traits::rope_base), -2.0 * double(c) / double(head_dim));
-        host[std::size_t(pos * half + c)] = float(std::cos(double(pos) * frequency));
-        host[std::size_t(max_seq * half + pos * half + c)] = float(std::sin(double(pos) * frequency));
-      }
-    rope_tables_ = storage<float>(host.size());
-    ops::copy(exec_, tensor_view<const float, 1>(host.data(), {index_t(host.size())}),
-              tensor_view<float, 1>(rope_tables_.data(), {index_t(host.size())}));
-    exec_.synchronize();
-  }
-  tensor_view<const float, 2> rope_cos_view() const { return {rope_tables_.data(), {max_seq, head_dim / 2}}; }
-  tensor_view<const float, 2> rope_sin_view() const {
-    return {rope_tables_.data() + max_seq * (head_dim / 2), {max_seq, head_dim / 2}};
-  }
-
   Exec exec_;
   std::vector<parameter_info> table_;
   index_t parameter_count_ = 0;
   storage<float> parameters_, gradients_;
-  model_tensors<Cfg> params_, grads_;
-  storage<float> rope_tables_;
+  model_weights<Cfg> params_, grads_;
+  rope_table_storage<Cfg, Exec> rope_;
   storage<bf16> compute_weights_, compute_scratch_;
   bool compute_weights_valid_ = false;
   activation_arena arena_;

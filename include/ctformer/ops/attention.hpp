@@ -1,6 +1,9 @@
 // ops::causal_attention_* (training form, probabilities saved) and ops::rope_*.
 #pragma once
 
+#include <cstdint>
+#include <type_traits>
+
 #include "ctformer/core/error.hpp"
 #include "ctformer/exec/execution_policy.hpp"
 #include "ctformer/ops/view_traits.hpp"
@@ -86,6 +89,30 @@ void rope_backward(const P& exec, const X& dx, const Tab& cos_table, const Tab& 
     rope_rotate_impl(exec, dx, as_const(cos_table), as_const(sin_table), position_offset, -1);
   } else {
     static_assert(dependent_false<P, X>, "ctformer: rope_backward has no implementation for this execution policy and these number types");
+  }
+}
+
+
+/// Rotary embedding in place on rows at their own positions (a ragged batch,
+/// or a (B, T) batch flattened to rows): row i of x sits at position
+/// positions[i] and rotates by that row of the cos and sin tables (S, D/2).
+/// x: (N, H, D); positions: (N) int32 in the policy's memory, each in [0, S)
+/// (the CPU checks; callers on other policies validate their batch first).
+/// direction: +1 forward, -1 the inverse rotation (the backward pass).
+template <execution_policy P, view_of_rank<3> X, view_of_rank<2> Tab, view_of_rank<1> Pos>
+  requires writable_view<X>
+void rope_rotate_rows(const P& exec, const X& x, const Tab& cos_table, const Tab& sin_table, const Pos& positions,
+                      int direction) {
+  static_assert(std::is_same_v<typename Pos::value_type, std::int32_t>, "ctformer: rope positions are int32");
+  if (x.extent(2) % 2 != 0 || cos_table.extent(1) * 2 != x.extent(2) || sin_table.extent(1) * 2 != x.extent(2) ||
+      cos_table.extent(0) != sin_table.extent(0))
+    throw shape_error("ctformer::rope_rotate_rows: x of shape " + shape_string(x) +
+                      " does not fit cos/sin tables of shape " + shape_string(cos_table));
+  require_same_extent("rope_rotate_rows", "positions", positions, 0, "x", x, 0);
+  if constexpr (requires { rope_rotate_rows_impl(exec, x, as_const(cos_table), as_const(sin_table), as_const(positions), direction); }) {
+    rope_rotate_rows_impl(exec, x, as_const(cos_table), as_const(sin_table), as_const(positions), direction);
+  } else {
+    static_assert(dependent_false<P, X>, "ctformer: rope_rotate_rows has no implementation for this execution policy and these number types");
   }
 }
 

@@ -178,7 +178,7 @@ TEMPLATE_TEST_CASE("q8_0 and q4_0 weights stay within stated tolerances of fp32"
   // more 2^-9 relative rounding per linear input (observed 0.43% on Zen 4,
   // the same order as the weights' own rounding); the same 1% bound.
   const double eb_long = testing::rms_error(cached_logits(b16, cb, tokens, 20, 16), reference_long);
-  INFO("bf16 weights, chunk of 16 (bf16 GEMM: " << decltype(b16)::bf16_gemm << "): " << eb_long);
+  INFO("bf16 weights, chunk of 16 (bf16 GEMM: " << ops::gemm_bf16_native<cpu::par_t> << "): " << eb_long);
   CHECK(eb_long < 1e-2);
   CHECK(q4.weight_bytes() < q8.weight_bytes());
   CHECK(q8.weight_bytes() < b16.weight_bytes());

@@ -161,3 +161,41 @@ TEST_CASE("load_model_parameters reads a training checkpoint's parameters only, 
   std::filesystem::remove(path);
   std::filesystem::remove(missing);
 }
+
+TEMPLATE_TEST_CASE("an inference model built straight from a quantized checkpoint equals one built from its "
+                   "dequantized fp32 model",
+                   "[io][compress][infer]", quant::q8_0, quant::q4_0, quant::int8_rowwise, quant::bf16_weights) {
+  const auto path = temp_file(std::string("source_") + TestType::name + ".safetensors");
+  nn::model<tiny_config> source(cpu::par, 3);
+  io::save_quantized_checkpoint<TestType>(path, source, compress::quantize_weights<TestType>(source), vocabulary);
+
+  // The old route: dequantize into an fp32 model, then pack again.
+  nn::model<tiny_config> dequantized(cpu::par, 99);
+  io::load_quantized_checkpoint<TestType>(path, dequantized);
+  using model_type = infer::inference_model<tiny_config, TestType, infer::kv::paged<4>>;
+  model_type repacked(dequantized, 8);
+  // The direct route: the packed bytes as stored.
+  const io::quantized_checkpoint_source<tiny_config, TestType> file(path);
+  CHECK(file.vocabulary() == vocabulary);
+  model_type direct(file, 8);
+  CHECK(direct.weight_bytes() == repacked.weight_bytes());
+
+  // Requantizing dequantized blocks gives the same blocks back for these
+  // formats (each block's scale is its max / the format's range, which the
+  // dequantized block still has), so the two models compute the same bits.
+  const std::vector<std::int32_t> prompt = {1, 5, 9, 2, 7};
+  auto c1 = direct.make_cache(32);
+  auto c2 = repacked.make_cache(32);
+  const auto s1 = c1.open_sequence(), s2 = c2.open_sequence();
+  const auto a = direct.prefill(c1, s1, prompt);
+  const std::vector<float> from_file(a.begin(), a.end());
+  const auto b = repacked.prefill(c2, s2, prompt);
+  CHECK(from_file == std::vector<float>(b.begin(), b.end()));
+
+  // A file of another format or configuration is refused when the source opens.
+  check_refused([&] { io::quantized_checkpoint_source<tiny_config, quant::fp32> wrong(path); },
+                {path.string(), std::string("'") + TestType::name + "'"});
+  check_refused([&] { io::quantized_checkpoint_source<other_config, TestType> wrong(path); },
+                {path.string(), "configuration"});
+  std::filesystem::remove(path);
+}

@@ -126,6 +126,23 @@ __global__ void rope_rotate_kernel(tensor_view<T, 4> x, tensor_view<const T, 2> 
   }
 }
 
+// x: (N, H, D) rotated in place, row i at position positions[i]; tables (S, D/2).
+template <class T = float>
+__global__ void rope_rotate_rows_kernel(tensor_view<T, 3> x, tensor_view<const T, 2> cos_table,
+                                        tensor_view<const T, 2> sin_table, tensor_view<const std::int32_t, 1> positions,
+                                        float sign) {
+  const index_t rows = x.extent(0), heads = x.extent(1), half = x.extent(2) / 2;
+  const index_t total = rows * heads * half;
+  for (index_t e = index_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total; e += index_t(gridDim.x) * blockDim.x) {
+    const index_t c = e % half, h = (e / half) % heads, i = e / (half * heads);
+    const index_t pos = positions(i);
+    const float cs = cos_table(pos, c), s = sign * sin_table(pos, c);
+    const float x1 = x(i, h, c), x2 = x(i, h, c + half);
+    x(i, h, c) = x1 * cs - x2 * s;
+    x(i, h, c + half) = x2 * cs + x1 * s;
+  }
+}
+
 inline unsigned warp_rows_grid(index_t rows, int block) {
   const index_t per_block = block / 32;
   return unsigned((rows + per_block - 1) / per_block);
@@ -175,6 +192,18 @@ inline void rope_rotate_impl(const par_t& exec, tensor_view<float, 4> x, tensor_
   if (total == 0) return;
   detail::rope_rotate_kernel<float><<<detail::elementwise_grid(total), detail::elementwise_block, 0, exec.stream>>>(
       x, cos_table, sin_table, position_offset, direction >= 0 ? 1.0f : -1.0f);
+  CTFORMER_CUDA_CHECK_LAUNCH();
+}
+
+// x: (N, H, D); positions: (N) in device memory, validated by the caller.
+inline void rope_rotate_rows_impl(const par_t& exec, tensor_view<float, 3> x, tensor_view<const float, 2> cos_table,
+                                  tensor_view<const float, 2> sin_table, tensor_view<const std::int32_t, 1> positions,
+                                  int direction) {
+  const index_t total = x.extent(0) * x.extent(1) * (x.extent(2) / 2);
+  if (total == 0) return;
+  detail::rope_rotate_rows_kernel<float><<<detail::elementwise_grid(total), detail::elementwise_block, 0,
+                                           exec.stream>>>(x, cos_table, sin_table, positions,
+                                                          direction >= 0 ? 1.0f : -1.0f);
   CTFORMER_CUDA_CHECK_LAUNCH();
 }
 

@@ -1,0 +1,349 @@
+// The decoder block, written once: its parameter list (names, shapes, kinds),
+// its forward (training saves the activations, inference writes a KV cache:
+// the attention is the caller's) and its backward, and the RoPE tables.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "ctformer/core/core.hpp"
+#include "ctformer/exec/exec.hpp"
+#include "ctformer/nn/config.hpp"
+#include "ctformer/nn/parameters.hpp"
+#include "ctformer/ops/ops.hpp"
+
+namespace ctformer::nn {
+
+/// The parameters of one pre-norm decoder block.
+/// @tparam Matrix what a linear layer's weights are: tensor_view<float, 2>
+///   (training parameters, and their gradients), or a packed inference matrix
+/// @tparam Vector norms and biases (tensor_view<float, 1>)
+template <model_config Cfg, class Matrix = tensor_view<float, 2>, class Vector = tensor_view<float, 1>>
+struct block_weights {
+  using traits = config_traits<Cfg>;
+  static constexpr bool has_norm_bias = std::same_as<typename Cfg::norm, layer_norm>;
+
+  Vector attention_norm_weight, attention_norm_bias;  // (C)
+  Matrix qkv;                                         // (qkv_width, C): q, k, v rows stacked
+  Vector qkv_bias;                                    // (qkv_width)
+  Matrix output;                                      // (C, C)
+  Vector output_bias;                                 // (C)
+  Vector mlp_norm_weight, mlp_norm_bias;              // (C)
+  Matrix up;                                          // (up_width, C): gate rows first when gated
+  Vector up_bias;                                     // (up_width)
+  Matrix down;                                        // (C, F)
+  Vector down_bias;                                   // (C)
+
+  /// Calls visit(name, member, shape, kind) for every tensor this block has,
+  /// in layout order: the one list that the parameter layout, the bindings
+  /// of parameters and gradients, checkpoints and the inference loader share.
+  template <class Visit>
+  void visit(const std::string& prefix, Visit&& visit) {
+    constexpr index_t c = traits::d_model;
+    visit(prefix + "attention_norm.weight", attention_norm_weight, std::vector<index_t>{c}, parameter_kind::norm);
+    if constexpr (has_norm_bias)
+      visit(prefix + "attention_norm.bias", attention_norm_bias, std::vector<index_t>{c}, parameter_kind::norm);
+    visit(prefix + "attention.qkv.weight", qkv, std::vector<index_t>{traits::qkv_width, c}, parameter_kind::matrix);
+    if constexpr (traits::bias)
+      visit(prefix + "attention.qkv.bias", qkv_bias, std::vector<index_t>{traits::qkv_width}, parameter_kind::bias);
+    visit(prefix + "attention.output.weight", output, std::vector<index_t>{c, c}, parameter_kind::matrix);
+    if constexpr (traits::bias)
+      visit(prefix + "attention.output.bias", output_bias, std::vector<index_t>{c}, parameter_kind::bias);
+    visit(prefix + "mlp_norm.weight", mlp_norm_weight, std::vector<index_t>{c}, parameter_kind::norm);
+    if constexpr (has_norm_bias)
+      visit(prefix + "mlp_norm.bias", mlp_norm_bias, std::vector<index_t>{c}, parameter_kind::norm);
+    visit(prefix + "mlp.up.weight", up, std::vector<index_t>{traits::up_width, c}, parameter_kind::matrix);
+    if constexpr (traits::bias)
+      visit(prefix + "mlp.up.bias", up_bias, std::vector<index_t>{traits::up_width}, parameter_kind::bias);
+    visit(prefix + "mlp.down.weight", down, std::vector<index_t>{c, traits::d_ff}, parameter_kind::matrix);
+    if constexpr (traits::bias)
+      visit(prefix + "mlp.down.bias", down_bias, std::vector<index_t>{c}, parameter_kind::bias);
+  }
+};
+
+/// The whole model's parameters: embeddings, the blocks, the final norm and
+/// the LM head (the token embedding itself when tied: then it is not visited).
+/// @tparam Table the embedding tables' type (tensor_view<float, 2>)
+template <model_config Cfg, class Matrix = tensor_view<float, 2>, class Vector = tensor_view<float, 1>,
+          class Table = tensor_view<float, 2>>
+struct model_weights {
+  using config = Cfg;
+  using traits = config_traits<Cfg>;
+  using block_type = block_weights<Cfg, Matrix, Vector>;
+  static constexpr bool has_norm_bias = std::same_as<typename Cfg::norm, layer_norm>;
+  static constexpr bool learned_positions = std::same_as<typename Cfg::position, learned_position>;
+
+  Table token_embedding;     // (V, C)
+  Table position_embedding;  // (max_seq, C), learned positions only
+  block_type blocks[traits::n_layer];
+  Vector final_norm_weight, final_norm_bias;  // (C)
+  Matrix lm_head;                             // (V, C)
+
+  template <class Visit>
+  void visit(Visit&& visit) {
+    constexpr index_t c = traits::d_model;
+    visit(std::string("token_embedding.weight"), token_embedding, std::vector<index_t>{traits::vocab, c},
+          parameter_kind::embedding);
+    if constexpr (learned_positions)
+      visit(std::string("position_embedding.weight"), position_embedding, std::vector<index_t>{traits::max_seq, c},
+            parameter_kind::embedding);
+    for (int l = 0; l < traits::n_layer; ++l) blocks[l].visit("blocks." + std::to_string(l) + ".", visit);
+    visit(std::string("final_norm.weight"), final_norm_weight, std::vector<index_t>{c}, parameter_kind::norm);
+    if constexpr (has_norm_bias)
+      visit(std::string("final_norm.bias"), final_norm_bias, std::vector<index_t>{c}, parameter_kind::norm);
+    if constexpr (!traits::tie_embeddings)
+      visit(std::string("lm_head.weight"), lm_head, std::vector<index_t>{traits::vocab, c}, parameter_kind::matrix);
+  }
+};
+
+/// The parameter table of configuration Cfg (names, offsets in the flat
+/// buffer, shapes, kinds), from model_weights' visit.
+template <model_config Cfg>
+std::vector<parameter_info> parameter_table_of() {
+  model_weights<Cfg> probe;
+  parameter_layout layout;
+  probe.visit([&](const std::string& name, auto&, std::vector<index_t> shape, parameter_kind kind) {
+    layout.add(name, std::move(shape), kind);
+  });
+  return layout.table();
+}
+
+/// Floats the flat parameter buffer of Cfg holds (alignment padding included).
+template <model_config Cfg>
+index_t parameter_count_of() {
+  model_weights<Cfg> probe;
+  parameter_layout layout;
+  probe.visit([&](const std::string& name, auto&, std::vector<index_t> shape, parameter_kind kind) {
+    layout.add(name, std::move(shape), kind);
+  });
+  return layout.total();
+}
+
+/// Points every view of a model_weights at its place in a flat buffer laid
+/// out by parameter_table_of (the same walk); a tied head views the token
+/// embedding.
+template <model_config Cfg>
+void bind_weights(model_weights<Cfg>& weights, float* base) {
+  parameter_layout layout;
+  weights.visit([&]<int Rank>(const std::string& name, tensor_view<float, Rank>& view, std::vector<index_t> shape,
+                              parameter_kind kind) {
+    std::array<index_t, Rank> extents{};
+    for (int d = 0; d < Rank; ++d) extents[d] = shape[std::size_t(d)];
+    view = tensor_view<float, Rank>(base + layout.add(name, std::move(shape), kind), extents);
+  });
+  if constexpr (config_traits<Cfg>::tie_embeddings) weights.lm_head = weights.token_embedding;
+}
+
+// --- RoPE ---------------------------------------------------------------------
+
+/// cos and sin of every (position, frequency) of Cfg's rotary embedding, as
+/// one host array: cos (max_seq, head_dim / 2), then sin. Angles are computed
+/// in double and rounded once, so every model of Cfg rotates by the same bits.
+template <model_config Cfg>
+std::vector<float> rope_table_values() {
+  using traits = config_traits<Cfg>;
+  const index_t half = traits::head_dim / 2, positions = traits::max_seq;
+  std::vector<float> host(std::size_t(2 * positions * half));
+  for (index_t pos = 0; pos < positions; ++pos)
+    for (index_t c = 0; c < half; ++c) {
+      const double frequency = std::pow(double(traits::rope_base), -2.0 * double(c) / double(traits::head_dim));
+      host[std::size_t(pos * half + c)] = float(std::cos(double(pos) * frequency));
+      host[std::size_t(positions * half + pos * half + c)] = float(std::sin(double(pos) * frequency));
+    }
+  return host;
+}
+
+/// The RoPE tables in a policy's memory: cos and sin, (max_seq, head_dim / 2) each.
+struct rope_tables {
+  tensor_view<const float, 2> cos, sin;
+};
+
+/// Owns Cfg's RoPE tables in the memory of policy Exec (empty for learned positions).
+template <model_config Cfg, execution_policy Exec>
+class rope_table_storage {
+ public:
+  explicit rope_table_storage(const Exec& exec) {
+    if constexpr (std::same_as<typename Cfg::position, rope>) {
+      const auto host = rope_table_values<Cfg>();
+      storage_ = buffer_for<float, Exec>(host.size());
+      ops::copy(exec, tensor_view<const float, 1>(host.data(), {index_t(host.size())}),
+                tensor_view<float, 1>(storage_.data(), {index_t(host.size())}));
+      exec.synchronize();
+    }
+  }
+  rope_tables view() const {
+    constexpr index_t half = config_traits<Cfg>::head_dim / 2, positions = config_traits<Cfg>::max_seq;
+    return {tensor_view<const float, 2>(storage_.data(), {positions, half}),
+            tensor_view<const float, 2>(storage_.data() + positions * half, {positions, half})};
+  }
+
+ private:
+  buffer_for<float, Exec> storage_;
+};
+
+// --- the block's math -----------------------------------------------------------
+
+/// The activations one block forward writes, over N rows (tokens). Training
+/// keeps one set per layer for the backward pass (residual_out is the next
+/// layer's residual_in); inference reuses one set for every layer and points
+/// the three residual views at one buffer (the stream updated in place).
+struct block_activations {
+  tensor_view<float, 2> residual_in, residual_mid, residual_out;   // (N, C)
+  tensor_view<float, 2> attention_norm_out;                         // (N, C)
+  tensor_view<float, 1> attention_norm_mean, attention_norm_rstd;   // (N)
+  tensor_view<float, 2> qkv;                                        // (N, qkv_width), after RoPE
+  tensor_view<float, 2> attention_out;                              // (N, C), before the output projection
+  tensor_view<float, 2> mlp_norm_out;                               // (N, C)
+  tensor_view<float, 1> mlp_norm_mean, mlp_norm_rstd;               // (N)
+  tensor_view<float, 2> up_out;                                     // (N, up_width), before the activation
+  tensor_view<float, 2> activation_out;                             // (N, F)
+};
+
+/// Gradient scratch of one block backward over N rows.
+struct block_gradient_scratch {
+  tensor_view<float, 2> d_residual;  // (N, C): in, the gradient of residual_out; out, of residual_in
+  tensor_view<float, 2> d_scratch, d_norm, d_attention;  // (N, C)
+  tensor_view<float, 2> d_qkv;                            // (N, qkv_width)
+  tensor_view<float, 2> d_up;                             // (N, up_width)
+  tensor_view<float, 2> d_activation;                     // (N, F)
+};
+
+/// One pre-norm decoder layer of Cfg:
+///   x += attention(norm(x)) W_o (+ b_o);  x += act(norm(x) W_up) W_down (+ b_down)
+/// with q, k, v from one fused projection, RoPE at each row's position, and
+/// the attention itself left to the caller (training: over the batch's own
+/// keys, saving probabilities; inference: over a KV cache).
+template <model_config Cfg>
+struct decoder_block {
+  using traits = config_traits<Cfg>;
+  static constexpr index_t d_model = traits::d_model, n_head = traits::n_head, n_kv_head = traits::n_kv_head,
+                           head_dim = traits::head_dim, d_ff = traits::d_ff;
+  static constexpr bool rotary = std::same_as<typename Cfg::position, rope>;
+  static constexpr bool layer_normed = std::same_as<typename Cfg::norm, layer_norm>;
+
+  /// q, k and v of a (N, qkv_width) buffer as (N, heads, D) views.
+  template <class T>
+  static tensor_view<T, 3> heads_of(T* qkv_rows, index_t n, index_t heads, index_t first_column) {
+    return tensor_view<T, 3>(qkv_rows + first_column, {n, heads, head_dim}, {traits::qkv_width, head_dim, 1});
+  }
+  template <class T>
+  static tensor_view<T, 3> queries(T* qkv_rows, index_t n) { return heads_of(qkv_rows, n, n_head, 0); }
+  template <class T>
+  static tensor_view<T, 3> keys(T* qkv_rows, index_t n) { return heads_of(qkv_rows, n, n_kv_head, n_head * head_dim); }
+  template <class T>
+  static tensor_view<T, 3> values(T* qkv_rows, index_t n) {
+    return heads_of(qkv_rows, n, n_kv_head, (n_head + n_kv_head) * head_dim);
+  }
+
+  template <execution_policy Exec>
+  static void norm_forward(const Exec& exec, tensor_view<const float, 2> x, tensor_view<const float, 1> weight,
+                           tensor_view<const float, 1> bias, tensor_view<float, 2> y, tensor_view<float, 1> mean,
+                           tensor_view<float, 1> rstd) {
+    if constexpr (layer_normed) ops::layer_norm_forward(exec, x, weight, bias, y, mean, rstd, traits::norm_eps);
+    else ops::rms_norm_forward(exec, x, weight, y, rstd, traits::norm_eps);
+  }
+
+  template <execution_policy Exec>
+  static void norm_backward(const Exec& exec, tensor_view<const float, 2> dy, tensor_view<const float, 2> x,
+                            tensor_view<const float, 1> weight, tensor_view<const float, 1> mean,
+                            tensor_view<const float, 1> rstd, tensor_view<float, 2> dx, tensor_view<float, 1> dweight,
+                            tensor_view<float, 1> dbias) {
+    if constexpr (layer_normed) ops::layer_norm_backward(exec, dy, x, weight, mean, rstd, dx, dweight, dbias);
+    else ops::rms_norm_backward(exec, dy, x, weight, rstd, dx, dweight);
+  }
+
+  // y (+)= x W^T (+ bias)
+  template <execution_policy Exec, class W, class Operand, class V>
+  static void linear(const Exec& exec, tensor_view<const float, 2> x, const W& weight, Operand&& as_operand,
+                     const V& bias, tensor_view<float, 2> y, bool accumulate) {
+    ops::linear(exec, x, as_operand(weight), y, accumulate);
+    if constexpr (traits::bias) ops::add_bias(exec, y, as_const(bias));
+  }
+
+  static tensor_view<float, 1> flat(tensor_view<float, 2> v) { return {v.data(), {v.size()}}; }
+
+  /// The block's forward over N rows.
+  /// @param weights the block's block_weights (any matrix type)
+  /// @param as_operand maps a stored matrix to what ops::linear takes (the
+  ///   identity; or a training model's mixed-precision operand)
+  /// @param positions (N) int32 in the policy's memory: each row's position (RoPE)
+  /// @param attend attend(q (N, H, D), k (N, KV, D), v (N, KV, D), out (N, H, D)):
+  ///   attention of the rows, q and k already rotated
+  template <execution_policy Exec, class Weights, class Operand, class Attend>
+  static void forward(const Exec& exec, const Weights& w, Operand&& as_operand, const block_activations& a,
+                      const rope_tables& rope, tensor_view<const std::int32_t, 1> positions, Attend&& attend) {
+    const index_t n = a.residual_in.extent(0);
+    norm_forward(exec, as_const(a.residual_in), as_const(w.attention_norm_weight), as_const(w.attention_norm_bias),
+                 a.attention_norm_out, a.attention_norm_mean, a.attention_norm_rstd);
+    linear(exec, as_const(a.attention_norm_out), w.qkv, as_operand, w.qkv_bias, a.qkv, false);
+    auto q = queries(a.qkv.data(), n);
+    auto k = keys(a.qkv.data(), n);
+    if constexpr (rotary) {
+      ops::rope_rotate_rows(exec, q, rope.cos, rope.sin, positions, 1);
+      ops::rope_rotate_rows(exec, k, rope.cos, rope.sin, positions, 1);
+    }
+    attend(as_const(q), as_const(k), as_const(values(a.qkv.data(), n)),
+           tensor_view<float, 3>(a.attention_out.data(), {n, n_head, head_dim}));
+    if (a.residual_mid.data() != a.residual_in.data())
+      ops::copy(exec, as_const(flat(a.residual_in)), flat(a.residual_mid));
+    linear(exec, as_const(a.attention_out), w.output, as_operand, w.output_bias, a.residual_mid, true);
+
+    norm_forward(exec, as_const(a.residual_mid), as_const(w.mlp_norm_weight), as_const(w.mlp_norm_bias),
+                 a.mlp_norm_out, a.mlp_norm_mean, a.mlp_norm_rstd);
+    linear(exec, as_const(a.mlp_norm_out), w.up, as_operand, w.up_bias, a.up_out, false);
+    if constexpr (traits::gated) ops::swiglu_forward(exec, as_const(a.up_out), a.activation_out);
+    else ops::gelu_forward(exec, as_const(flat(a.up_out)), flat(a.activation_out));
+    if (a.residual_out.data() != a.residual_mid.data())
+      ops::copy(exec, as_const(flat(a.residual_mid)), flat(a.residual_out));
+    linear(exec, as_const(a.activation_out), w.down, as_operand, w.down_bias, a.residual_out, true);
+  }
+
+  /// The block's backward over the rows forward saw (training weights only):
+  /// reads d.d_residual as the gradient of residual_out and leaves there the
+  /// gradient of residual_in; adds the parameter gradients to `grads`.
+  /// @param attend_backward attend_backward(dout (N, H, D), q, k, v, dq, dk, dv)
+  template <execution_policy Exec, class Weights, class Operand, class Gradients, class AttendBackward>
+  static void backward(const Exec& exec, const Weights& w, Operand&& as_operand, Gradients& g,
+                       const block_activations& a, const block_gradient_scratch& d, const rope_tables& rope,
+                       tensor_view<const std::int32_t, 1> positions, AttendBackward&& attend_backward) {
+    const index_t n = a.residual_in.extent(0);
+    auto linear_backward = [&](tensor_view<const float, 2> dy, tensor_view<const float, 2> x, const auto& weight,
+                               auto& dweight, auto& dbias, tensor_view<float, 2> dx) {
+      const auto operand = as_operand(weight);
+      ops::linear_backward_input(exec, dy, operand, dx, false);
+      ops::linear_backward_weight(exec, dy, x, operand, dweight);
+      if constexpr (traits::bias) ops::bias_backward(exec, dy, dbias);
+    };
+    // residual_out = residual_mid + activation_out W_down^T
+    linear_backward(as_const(d.d_residual), as_const(a.activation_out), w.down, g.down, g.down_bias, d.d_activation);
+    if constexpr (traits::gated) ops::swiglu_backward(exec, as_const(a.up_out), as_const(d.d_activation), d.d_up);
+    else ops::gelu_backward(exec, as_const(flat(a.up_out)), as_const(flat(d.d_activation)), flat(d.d_up));
+    linear_backward(as_const(d.d_up), as_const(a.mlp_norm_out), w.up, g.up, g.up_bias, d.d_norm);
+    norm_backward(exec, as_const(d.d_norm), as_const(a.residual_mid), as_const(w.mlp_norm_weight),
+                  as_const(a.mlp_norm_mean), as_const(a.mlp_norm_rstd), d.d_scratch, g.mlp_norm_weight,
+                  g.mlp_norm_bias);
+    ops::add(exec, as_const(flat(d.d_residual)), as_const(flat(d.d_scratch)), flat(d.d_residual));
+    // residual_mid = residual_in + attention_out W_o^T
+    linear_backward(as_const(d.d_residual), as_const(a.attention_out), w.output, g.output, g.output_bias,
+                    d.d_attention);
+    auto dq = queries(d.d_qkv.data(), n);
+    auto dk = keys(d.d_qkv.data(), n);
+    attend_backward(tensor_view<const float, 3>(d.d_attention.data(), {n, n_head, head_dim}),
+                    as_const(queries(a.qkv.data(), n)), as_const(keys(a.qkv.data(), n)),
+                    as_const(values(a.qkv.data(), n)), dq, dk, values(d.d_qkv.data(), n));
+    if constexpr (rotary) {
+      ops::rope_rotate_rows(exec, dq, rope.cos, rope.sin, positions, -1);
+      ops::rope_rotate_rows(exec, dk, rope.cos, rope.sin, positions, -1);
+    }
+    linear_backward(as_const(d.d_qkv), as_const(a.attention_norm_out), w.qkv, g.qkv, g.qkv_bias, d.d_norm);
+    norm_backward(exec, as_const(d.d_norm), as_const(a.residual_in), as_const(w.attention_norm_weight),
+                  as_const(a.attention_norm_mean), as_const(a.attention_norm_rstd), d.d_scratch,
+                  g.attention_norm_weight, g.attention_norm_bias);
+    ops::add(exec, as_const(flat(d.d_residual)), as_const(flat(d.d_scratch)), flat(d.d_residual));
+  }
+};
+
+}  // namespace ctformer::nn
