@@ -56,4 +56,15 @@ struct kv_view {
   index_t scale_offset(index_t pos, index_t g) const { return offset(pos, g) / head_dim; }
 };
 
+/// The rows of one sequence in a batched cached-attention call: query rows
+/// [first_row, first_row + rows) are positions [start, start + rows) of the
+/// sequence whose layer view is `kv`, and the query at position p attends to
+/// positions [max(0, p - window + 1), p] (window 0: [0, p]).
+template <class Element>
+struct attention_segment {
+  kv_view<Element> kv;
+  index_t first_row = 0, rows = 0, start = 0;
+  index_t window = 0;
+};
+
 }  // namespace ctformer

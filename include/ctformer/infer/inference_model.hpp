@@ -349,6 +349,7 @@ class inference_model {
     ids_ = buffer<std::int32_t>(std::size_t(2 * max_chunk_), 0);
     logit_row_index_.reserve(std::size_t(max_chunk_));
     segments_.reserve(std::size_t(max_chunk_));
+    attention_segments_.reserve(std::size_t(max_chunk_));
     single_.reserve(max_chunk_);
   }
 
@@ -445,12 +446,14 @@ class inference_model {
       block::forward(exec_, weights_.blocks[l], as_stored, a, rope_.view(), positions,
                      [&](tensor_view<const float, 3> q, tensor_view<const float, 3> k, tensor_view<const float, 3> v,
                          tensor_view<float, 3> out) {
+                       attention_segments_.clear();
                        for (const auto& seg : segments_) {
                          cache.write(l, seg.sequence, seg.start, rows_of(k, seg), rows_of(v, seg));
+                         attention_segments_.push_back(
+                             {cache.view(l, seg.sequence), seg.first_row, seg.rows, seg.start, 0});
                        }
-                       for (const auto& seg : segments_)
-                         ops::cached_attention(exec_, rows_of(q, seg), cache.view(l, seg.sequence),
-                                               rows_of(out, seg), seg.start, scale);
+                       ops::cached_attention(exec_, q, std::span<const attention_segment_type>(attention_segments_),
+                                             out, scale);
                      });
     }
 
@@ -498,6 +501,8 @@ class inference_model {
   std::vector<index_t> logit_row_index_;
   index_t logit_rows_ = 0;
   std::vector<segment> segments_;
+  using attention_segment_type = attention_segment<const typename cache_type::element_type>;
+  std::vector<attention_segment_type> attention_segments_;
   batch single_;  // prefill's and decode's one-sequence batch
 };
 

@@ -8,12 +8,15 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <span>
 #include <type_traits>
+#include <vector>
 
 #include "ctformer/core/kv_view.hpp"
 #include "ctformer/kernels/cpu/detail/attention_rows.hpp"
 #include "ctformer/kernels/cpu/detail/vector_math.hpp"
 #include "ctformer/kernels/cpu/detail/vnni.hpp"
+#include "ctformer/kernels/cpu/isa.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::cpu {
@@ -123,8 +126,7 @@ inline void accumulate_bf16_rows(const float* p, const bf16* const* rows, index_
 }
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
-#define CTFORMER_ATTENTION_AVX512_BF16 1
+#if defined(CTFORMER_CPU_AVX512_BF16)
 /// AVX512_BF16 builds read a bf16 cache natively. Scores: the query is
 /// rounded to bf16 once (as llama.cpp rounds it to an F16 cache's type) and
 /// vdpbf16ps multiplies it with 32 key elements per instruction, in fp32
@@ -158,8 +160,7 @@ inline void dot_bf16_native_8(const bf16* q, const bf16* const* rows, index_t d,
 
 #endif
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512F__)
-#define CTFORMER_ATTENTION_INT8_VNNI 1
+#if defined(CTFORMER_CPU_AVX512_VNNI)
 /// AVX512_VNNI builds score an int8 cache with vpdpbusd. The query is
 /// rounded to int8 once per head, with scale max|q| / 127 (llama.cpp
 /// likewise rounds a query to its q8_0 K cache's type). vpdpbusd multiplies
@@ -314,7 +315,7 @@ inline query_state make_query_state(const float* q, float* scratch, index_t head
 /// Whether a cache of element E and head dimension d reads bf16 rows as pairs.
 template <class E>
 bool reads_pairs(index_t d) {
-#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+#if defined(CTFORMER_CPU_AVX512_BF16)
   return std::is_same_v<E, bf16> && bf16_native(d);
 #elif defined(CTFORMER_CPU_AVX2)
   return std::is_same_v<E, bf16> && bf16_pairs(d);
@@ -328,7 +329,7 @@ bool reads_pairs(index_t d) {
 /// query rounded to int8 (an int8 cache on AVX512_VNNI, d % 64 == 0).
 template <class E>
 bool rounds_query_to_int8(index_t d) {
-#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   return std::is_same_v<E, std::int8_t> && int8_native(d);
 #else
   (void)d;
@@ -346,13 +347,13 @@ void begin_query(query_state& st, index_t h0, index_t h1, index_t d) {
     st.sum[i] = 0.0f;
   }
   for (index_t i = 0; i < heads * d; ++i) st.acc[i] = 0.0f;
-#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   if (rounds_query_to_int8<E>(d))  // int8_query_bytes(d) <= 4 d: fits paired_q's d floats per head
     for (index_t i = 0; i < heads; ++i)
       round_query_to_int8(st.q + (h0 + i) * d, d,
                           reinterpret_cast<std::uint8_t*>(st.paired_q) + i * int8_query_bytes(d));
 #endif
-#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+#if defined(CTFORMER_CPU_AVX512_BF16)
   if (reads_pairs<E>(d)) {
     bf16* rounded = reinterpret_cast<bf16*>(st.paired_q);
     for (index_t i = 0; i < heads * d; ++i) rounded[i] = bf16(st.q[h0 * d + i]);
@@ -366,7 +367,7 @@ void begin_query(query_state& st, index_t h0, index_t h1, index_t d) {
 /// Ends a query: a bf16 cache's accumulator back in element order.
 template <class E>
 void end_query(query_state& st, index_t heads, index_t d) {
-#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+#if defined(CTFORMER_CPU_AVX512_BF16)
   if (reads_pairs<E>(d))
     for (index_t i = 0; i < heads; ++i) pair_unpermute<32>(st.acc + i * d, d);
 #elif defined(CTFORMER_CPU_AVX2)
@@ -436,7 +437,7 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
   constexpr bool may_pair = std::is_same_v<E, bf16>;
   const bool paired = reads_pairs<E>(d);
 #endif
-#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   const bool int8_query = rounds_query_to_int8<E>(d);
 #endif
   // Scales are read as vectors only where a segment lies inside one block;
@@ -457,7 +458,7 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
 #if defined(CTFORMER_CPU_AVX2)
     if constexpr (may_pair) {
       if (paired) {
-#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+#if defined(CTFORMER_CPU_AVX512_BF16)
         dot_bf16_native_8(reinterpret_cast<const bf16*>(st.paired_q) + (h - h0) * d, rows, d, dots);
 #else
         dot_bf16_pairs_8(st.paired_q + (h - h0) * d, rows, d, dots);
@@ -466,7 +467,7 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
       }
     }
 #endif
-#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
     if constexpr (quantized) {
       if (int8_query) {
         dot_int8_native_8(reinterpret_cast<const std::uint8_t*>(st.paired_q) + (h - h0) * int8_query_bytes(d), rows,
@@ -533,7 +534,7 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
       const float* p = scores + (h - h0) * tile + begin;
       for (index_t r = begin; r < end; ++r) rows[r - begin] = kv.v + slot[r] + g * kv.head_stride;
       float* acc = st.acc + (h - h0) * d;
-#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+#if defined(CTFORMER_CPU_AVX512_BF16)
       if constexpr (may_pair) {
         if (paired) {
           accumulate_bf16_rows<f32x16>(p, rows, end - begin, d, acc);
@@ -548,7 +549,7 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
         }
       }
 #endif
-#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
       if constexpr (quantized) {
         if (int8_query) {
           accumulate_int8_rows_16(p, rows, end - begin, d, acc);
@@ -584,10 +585,6 @@ void attend_key_range(query_state& st, index_t h0, index_t h1, index_t group, co
 /// result has the same bits as when it is attended to alone -- and as a
 /// decode step of it, as long as that step runs as one part (position <
 /// cached_attention_part; longer decode steps merge parts).
-///
-/// Tried and dropped: widening each tile's rows once into packed fp32 for
-/// the whole block (no faster: the per-query kernels, not the gathering,
-/// bound this loop).
 template <class E>
 void attend_queries(query_state* states, const index_t* key_ends, index_t queries, index_t h0, index_t h1,
                     index_t group, const kv_view<const E>& kv, float scale) {
@@ -613,7 +610,7 @@ void attend_queries(query_state* states, const index_t* key_ends, index_t querie
 /// where the query stays fp32. Tests and callers that reproduce the scores
 /// need it.
 inline bool bf16_cache_rounds_query(index_t d) {
-#if defined(CTFORMER_ATTENTION_AVX512_BF16)
+#if defined(CTFORMER_CPU_AVX512_BF16)
   return detail::bf16_native(d);
 #else
   (void)d;
@@ -627,7 +624,7 @@ inline bool bf16_cache_rounds_query(index_t d) {
 /// and d % 64 == 0); false where the query stays fp32. Tests and callers that
 /// reproduce the scores need it.
 inline bool int8_cache_rounds_query(index_t d) {
-#if defined(CTFORMER_ATTENTION_INT8_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   return detail::int8_native(d);
 #else
   (void)d;
@@ -635,82 +632,141 @@ inline bool int8_cache_rounds_query(index_t d) {
 #endif
 }
 
-/// Causal attention of T new queries at positions [start, start + T) over a
-/// cache that already holds their keys and values: query t attends to
-/// positions [0, start + t]. Head h reads kv head h / (H / KV).
-/// q: (T, H, D), out: (T, H, D), unit stride in D; kv: the sequence's layer view.
+/// Causal attention over a KV cache for the rows of many sequences at once
+/// (ops::cached_attention): each segment's query rows are positions
+/// [start, start + rows) of its sequence, the query at position p attends to
+/// [0, p] (a window W: [max(0, p - W + 1), p]). Head h reads kv head h / (H / KV).
+/// q: (N, H, D), out: (N, H, D), unit stride in D.
 ///
-/// Work is split into tasks of (queries, part of their keys, range of kv
-/// heads): a prefill chunk has queries enough to share out, in blocks of up
-/// to cached_attention_query_block that read each tile of the cache once; a
-/// decode step (T = 1) splits its keys into parts of cached_attention_part
-/// positions, each scored separately and merged (flash-decoding), and splits
-/// heads when the tasks would be fewer than the threads. How many tasks there
-/// are depends on the threads; the results do not (every head and query is
-/// computed the same way in any task, and parts are fixed positions).
+/// Work is split into tasks of (segment, queries, part of their keys, range
+/// of kv heads), all segments' tasks shared out in one parallel loop: a
+/// prefill chunk has queries enough to share out, in blocks of up to
+/// cached_attention_query_block that read each tile of the cache once; a
+/// decode step (one row) splits its keys into parts of cached_attention_part
+/// positions, each scored separately and merged (flash-decoding); heads are
+/// split when the tasks would be fewer than the threads. How many tasks
+/// there are depends on the threads and on the other segments; the results
+/// do not (every head and query is computed the same way in any task, and
+/// parts are fixed positions). Windowed queries run one per task over their
+/// own key range.
 template <class E>
-void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, const kv_view<const E>& kv,
-                           tensor_view<float, 3> out, index_t start, float scale) {
-  const index_t t_len = q.extent(0), heads = q.extent(1), d = kv.head_dim;
+void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q,
+                           std::span<const attention_segment<const E>> segments, tensor_view<float, 3> out,
+                           float scale) {
+  const index_t n_rows = q.extent(0), heads = q.extent(1), d = q.extent(2);
   // The kernels find head h of a query at q + h * d: a query whose heads are
   // not packed (a view into wider rows) is copied once into packed scratch.
   if (heads > 1 && q.stride(1) != d) {
-    float* packed = detail::scratch_floats(7, std::size_t(t_len * heads * d));
-    for (index_t t = 0; t < t_len; ++t)
+    float* packed = detail::scratch_floats(7, std::size_t(n_rows * heads * d));
+    for (index_t t = 0; t < n_rows; ++t)
       for (index_t h = 0; h < heads; ++h)
         for (index_t e = 0; e < d; ++e) packed[(t * heads + h) * d + e] = q(t, h, e);
-    cached_attention_impl(exec, tensor_view<const float, 3>(packed, {t_len, heads, d}), kv, out, start, scale);
+    cached_attention_impl(exec, tensor_view<const float, 3>(packed, {n_rows, heads, d}), segments, out, scale);
     return;
   }
-  const index_t group = heads / kv.kv_heads;
+  constexpr index_t part_keys = detail::cached_attention_part, max_block = detail::cached_attention_query_block;
+  const auto key_begin = [](const attention_segment<const E>& seg, index_t position) {
+    return seg.window > 0 ? std::max<index_t>(0, position - seg.window + 1) : index_t(0);
+  };
+  // How each segment is cut into tasks.
+  struct plan {
+    index_t parts = 1, block = 1, query_blocks = 0, splits = 1, first_task = 0, partial = 0;
+  };
+  // The calling thread's plans, named by reference: the tasks below run on
+  // pool threads, where the thread_local names would mean their own vectors.
+  thread_local std::vector<plan> calling_thread_plans;
+  thread_local std::vector<std::int32_t> calling_thread_tasks;
+  std::vector<plan>& plans = calling_thread_plans;
+  std::vector<std::int32_t>& task_segment = calling_thread_tasks;
+  plans.assign(segments.size(), plan{});
   const index_t threads = exec.thread_count();
   // Below this many key rows in total (a decode step over a context of a
   // few dozen positions) the work is a few microseconds: waking the pool
   // would cost more than it saves.
-  const index_t key_rows = t_len * heads * (start + t_len);
+  index_t key_rows = 0;
+  for (const auto& seg : segments) {
+    const index_t last = seg.start + seg.rows;
+    key_rows += seg.rows * heads * (last - key_begin(seg, seg.start));
+  }
   const index_t workers = key_rows < 512 ? 1 : threads;
-  const index_t parts = t_len == 1 ? (start + 1 + detail::cached_attention_part - 1) / detail::cached_attention_part : 1;
-  // Blocks of up to 8 queries, smaller when a short chunk would otherwise
-  // leave threads without a task (a chunk of 8 queries on 2 threads: 2 blocks).
-  constexpr index_t max_block = detail::cached_attention_query_block;
-  const index_t block = std::clamp<index_t>((t_len + workers - 1) / workers, 1, max_block);
-  const index_t query_blocks = (t_len + block - 1) / block;
-  const index_t splits =
-      std::clamp<index_t>((workers + query_blocks * parts - 1) / (query_blocks * parts), 1, kv.kv_heads);
-  const index_t tasks = query_blocks * parts * splits;
-  // Partial results of the parts of a decode step: (part, head) max and sum,
-  // then (part, head, d) accumulators, then one merge weight per part; a
-  // single part writes out directly.
-  float* partial = parts > 1 ? detail::scratch_floats(4, std::size_t(parts * (heads * (d + 2) + 1))) : nullptr;
+  index_t base_tasks = 0, min_kv_heads = std::numeric_limits<index_t>::max();
+  for (std::size_t i = 0; i < segments.size(); ++i) {
+    const auto& seg = segments[i];
+    plan& p = plans[i];
+    if (seg.rows == 0) continue;
+    if (seg.rows == 1) {
+      const index_t k0 = key_begin(seg, seg.start), k1 = seg.start + 1;
+      p.parts = (k1 - 1) / part_keys - k0 / part_keys + 1;
+    }
+    // Blocks of up to 8 queries, smaller when a short chunk would otherwise
+    // leave threads without a task (a chunk of 8 queries on 2 threads: 2 blocks).
+    p.block = seg.window > 0 ? 1 : std::clamp<index_t>((seg.rows + workers - 1) / workers, 1, max_block);
+    p.query_blocks = (seg.rows + p.block - 1) / p.block;
+    base_tasks += p.query_blocks * p.parts;
+    min_kv_heads = std::min(min_kv_heads, seg.kv.kv_heads);
+  }
+  if (base_tasks == 0) return;
+  const index_t splits = std::clamp<index_t>((workers + base_tasks - 1) / base_tasks, 1, min_kv_heads);
+  index_t tasks = 0, partial_floats = 0;
+  for (auto& p : plans) {
+    if (p.query_blocks == 0) continue;
+    p.splits = splits;
+    p.first_task = tasks;
+    tasks += p.query_blocks * p.parts * p.splits;
+    if (p.parts > 1) {
+      p.partial = partial_floats;
+      partial_floats += p.parts * (heads * (d + 2) + 1);
+    }
+  }
+  task_segment.resize(std::size_t(tasks));
+  for (std::size_t i = 0; i < segments.size(); ++i) {
+    const plan& p = plans[i];
+    for (index_t t = 0; t < p.query_blocks * p.parts * p.splits; ++t)
+      task_segment[std::size_t(p.first_task + t)] = std::int32_t(i);
+  }
+  // Partial results of the parts of decode steps: per segment, (part, head)
+  // max and sum, then (part, head, d) accumulators, then one merge weight per
+  // part; a segment of one part writes out directly.
+  float* partials = partial_floats > 0 ? detail::scratch_floats(4, std::size_t(partial_floats)) : nullptr;
   auto run = [&](index_t task) {
-    const index_t split = task % splits, part = (task / splits) % parts, qb = task / (splits * parts);
-    const index_t g0 = kv.kv_heads * split / splits, g1 = kv.kv_heads * (split + 1) / splits;
+    const std::size_t which = std::size_t(task_segment[std::size_t(task)]);
+    const attention_segment<const E>& seg = segments[which];
+    const plan& p = plans[which];
+    const kv_view<const E>& kv = seg.kv;
+    const index_t local = task - p.first_task;
+    const index_t split = local % p.splits, part = (local / p.splits) % p.parts, qb = local / (p.splits * p.parts);
+    const index_t group = heads / kv.kv_heads;
+    const index_t g0 = kv.kv_heads * split / p.splits, g1 = kv.kv_heads * (split + 1) / p.splits;
     const index_t h0 = g0 * group, h1 = g1 * group, n = h1 - h0;
-    const index_t t0 = qb * block, queries = std::min(block, t_len - t0);
+    const index_t t0 = qb * p.block, queries = std::min(p.block, seg.rows - t0);
     const index_t state_floats = detail::query_state_floats(n, d);
     float* scratch = detail::scratch_floats(5, std::size_t(queries * state_floats));
     detail::query_state states[max_block];
     index_t key_ends[max_block];
     for (index_t i = 0; i < queries; ++i) {
-      states[i] = detail::make_query_state(&q(t0 + i, 0, 0), scratch + i * state_floats, n, d);
-      key_ends[i] = start + t0 + i + 1;
+      states[i] = detail::make_query_state(&q(seg.first_row + t0 + i, 0, 0), scratch + i * state_floats, n, d);
+      key_ends[i] = seg.start + t0 + i + 1;
     }
-    if (parts > 1) {  // one decode query, one part of its keys
+    if (p.parts > 1) {  // one decode query, one part of its keys
+      float* partial = partials + p.partial;
       detail::query_state& st = states[0];
       st.max = partial + part * heads + h0;
-      st.sum = partial + parts * heads + part * heads + h0;
-      st.acc = partial + 2 * parts * heads + (part * heads + h0) * d;
-      const index_t k0 = part * detail::cached_attention_part;
-      detail::attend_key_range(st, h0, h1, group, kv, k0, std::min(key_ends[0], k0 + detail::cached_attention_part),
+      st.sum = partial + p.parts * heads + part * heads + h0;
+      st.acc = partial + 2 * p.parts * heads + (part * heads + h0) * d;
+      const index_t k0 = key_begin(seg, seg.start), first_part = k0 / part_keys;
+      const index_t from = std::max(k0, (first_part + part) * part_keys);
+      detail::attend_key_range(st, h0, h1, group, kv, from, std::min(key_ends[0], (first_part + part + 1) * part_keys),
                                scale);
       return;
     }
-    if (queries == 1) detail::attend_key_range(states[0], h0, h1, group, kv, 0, key_ends[0], scale);
-    else detail::attend_queries(states, key_ends, queries, h0, h1, group, kv, scale);
+    if (queries == 1)
+      detail::attend_key_range(states[0], h0, h1, group, kv, key_begin(seg, seg.start + t0), key_ends[0], scale);
+    else
+      detail::attend_queries(states, key_ends, queries, h0, h1, group, kv, scale);
     for (index_t t = 0; t < queries; ++t)
       for (index_t i = 0; i < n; ++i) {
         const float inverse = 1.0f / states[t].sum[i];
-        for (index_t e = 0; e < d; ++e) out(t0 + t, h0 + i, e) = states[t].acc[i * d + e] * inverse;
+        for (index_t e = 0; e < d; ++e) out(seg.first_row + t0 + t, h0 + i, e) = states[t].acc[i * d + e] * inverse;
       }
   };
   if (workers <= 1 || tasks <= 1) {
@@ -722,26 +778,30 @@ void cached_attention_impl(const par_t& exec, tensor_view<const float, 3> q, con
       for (index_t i = th; i < tasks; i += used) run(i);
     });
   }
-  if (parts == 1) return;
-  // Merge the parts in a fixed order: weights exp(max_p - max) bring each
-  // part's sum and accumulator to the common maximum.
-  const float* maxes = partial;
-  const float* sums = partial + parts * heads;
-  const float* accs = partial + 2 * parts * heads;
-  float* weights = partial + parts * heads * (d + 2);
-  for (index_t h = 0; h < heads; ++h) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (index_t p = 0; p < parts; ++p) m = std::max(m, maxes[p * heads + h]);
-    float total = 0.0f;
-    for (index_t p = 0; p < parts; ++p) {
-      weights[p] = std::exp(maxes[p * heads + h] - m);
-      total += weights[p] * sums[p * heads + h];
-    }
-    const float inverse = 1.0f / total;
-    for (index_t e = 0; e < d; ++e) {
-      float v = 0.0f;
-      for (index_t p = 0; p < parts; ++p) v += weights[p] * accs[(p * heads + h) * d + e];
-      out(0, h, e) = v * inverse;
+  // Merge each decode step's parts in a fixed order: weights exp(max_p -
+  // max) bring each part's sum and accumulator to the common maximum.
+  for (std::size_t which = 0; which < segments.size(); ++which) {
+    const plan& p = plans[which];
+    if (p.parts <= 1) continue;
+    const index_t parts = p.parts, row = segments[which].first_row;
+    const float* maxes = partials + p.partial;
+    const float* sums = maxes + parts * heads;
+    const float* accs = maxes + 2 * parts * heads;
+    float* weights = partials + p.partial + parts * heads * (d + 2);
+    for (index_t h = 0; h < heads; ++h) {
+      float m = -std::numeric_limits<float>::infinity();
+      for (index_t part = 0; part < parts; ++part) m = std::max(m, maxes[part * heads + h]);
+      float total = 0.0f;
+      for (index_t part = 0; part < parts; ++part) {
+        weights[part] = std::exp(maxes[part * heads + h] - m);
+        total += weights[part] * sums[part * heads + h];
+      }
+      const float inverse = 1.0f / total;
+      for (index_t e = 0; e < d; ++e) {
+        float v = 0.0f;
+        for (index_t part = 0; part < parts; ++part) v += weights[part] * accs[(part * heads + h) * d + e];
+        out(row, h, e) = v * inverse;
+      }
     }
   }
 }
