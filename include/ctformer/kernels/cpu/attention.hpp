@@ -35,10 +35,9 @@ inline void dot_rows(const float* a, const float* const* rows, index_t count, in
 }
 
 /// From this many positions on, a head's attention runs as blocked matrix
-/// products on the GEMM micro-kernel instead of query row by query row: 1.4x
-/// faster at T = 64, 2.4x at 256, 2.7x at 512 (bench_attention, one thread,
-/// Zen 3). At 12-16 positions the two measured level (the products too
-/// small to pay for their packing); 32 is set between the two measurements.
+/// products on the GEMM micro-kernel instead of query row by query row. Below
+/// it the products are too small to pay for their packing; the crossover
+/// and the gains above it are in docs/performance.md (bench_attention).
 inline constexpr index_t attention_gemm_min_tokens = 32;
 /// Query rows (and key rows, in the backward's key pass) per block: each
 /// block multiplies against keys [0, block end), so the causal upper

@@ -10,6 +10,7 @@
 
 #include "ctformer/core/number_types.hpp"
 #include "ctformer/kernels/cpu/detail/vector_math.hpp"
+#include "ctformer/kernels/cpu/isa.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::cpu {
@@ -123,7 +124,7 @@ inline void float_to_fp16(const float* s, fp16* d, index_t n) {
   for (; i + 16 <= n; i += 16)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i),
                         _mm512_cvtps_ph(_mm512_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif defined(CTFORMER_CPU_AVX2) && defined(__F16C__)
+#elif defined(CTFORMER_CPU_AVX2) && defined(CTFORMER_CPU_F16C)
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -136,7 +137,7 @@ inline void fp16_to_float(const fp16* s, float* d, index_t n) {
 #if defined(CTFORMER_CPU_AVX512)
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
-#elif defined(CTFORMER_CPU_AVX2) && defined(__F16C__)
+#elif defined(CTFORMER_CPU_AVX2) && defined(CTFORMER_CPU_F16C)
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
 #endif

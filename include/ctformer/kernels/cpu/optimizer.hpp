@@ -10,6 +10,7 @@
 
 #include "ctformer/core/parameter_range.hpp"
 #include "ctformer/kernels/cpu/detail/vector_math.hpp"
+#include "ctformer/kernels/cpu/isa.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 
 namespace ctformer::cpu {

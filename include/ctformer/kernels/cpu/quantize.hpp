@@ -3,9 +3,8 @@
 // activation is quantized to int8 blocks once per call and the dots are integer;
 // bf16, fp32: widening FMA), and a tiled GEMM for prefill.
 //
-// Instruction sets are chosen at compile time from the target macros
-// (__AVX512VNNI__, __AVX2__, ...): the user's -march picks the path, there is
-// no cpuid dispatch. Each path has a portable fallback with the same results
+// Instruction sets are chosen at compile time by kernels/cpu/isa.hpp: the
+// user's -march picks the path, there is no cpuid dispatch. Each path has a portable fallback with the same results
 // up to float summation order.
 #pragma once
 
@@ -17,11 +16,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
-#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
-#endif
-
 #include "ctformer/core/number_types.hpp"
+#include "ctformer/kernels/cpu/isa.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 #include "ctformer/quant/formats.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
@@ -33,7 +29,7 @@ namespace detail {
 using quant::qk;
 
 inline float fp16_to_float(fp16 h) {
-#if defined(__F16C__)
+#if defined(CTFORMER_CPU_F16C)
   return _cvtsh_ss(h.bits);
 #else
   return fp16::to_float(h.bits);
@@ -59,7 +55,7 @@ inline q8_activations& activation_scratch() {
   return scratch;
 }
 
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -79,7 +75,7 @@ inline void quantize_activations(const float* x, index_t n, q8_activations& act)
   for (index_t b = 0; b < nb; ++b) {
     const float* xb = x + b * qk;
     std::int8_t* qb = act.q.data() + b * qk;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
            v3 = _mm256_loadu_ps(xb + 24);
@@ -116,9 +112,8 @@ inline void quantize_activations(const float* x, index_t n, q8_activations& act)
 /// Bytes ahead of the GEMV's read position that are requested early. One
 /// thread's GEMV is a single stream that does enough arithmetic per byte
 /// that the hardware prefetcher alone leaves it waiting on DRAM; asking
-/// 2 KiB ahead keeps enough lines in flight (measured on Zen 3: +15-30%
-/// decode tokens/s on q8_0 and q4_0 over 0.5-8 KiB; CTFORMER_GEMV_PREFETCH
-/// overrides it for other machines).
+/// 2 KiB ahead keeps enough lines in flight (docs/performance.md;
+/// CTFORMER_GEMV_PREFETCH overrides it for other machines).
 #if defined(CTFORMER_GEMV_PREFETCH)
 inline constexpr std::ptrdiff_t gemv_prefetch_bytes = CTFORMER_GEMV_PREFETCH;
 #else
@@ -140,8 +135,7 @@ inline void prefetch_weights(const void* p) {
 // scale_b = d_w[b] * d_x[b] (q8_0, q4_0) or d_x[b] (int8_rowwise, whose row
 // scale is applied by the caller).
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
-#define CTFORMER_QUANT_AVX512_VNNI 1
+#if defined(CTFORMER_CPU_AVX512_VNNI)
 // 64 signed int8 pairs -> 16 int32 sums with vpdpbusd (u8 x s8): |w| against
 // x with w's sign moved onto it, as AVX-512 has no vpsignb.
 inline __m512i dot_s8_s8_512(__m512i w, __m512i x) {
@@ -155,13 +149,13 @@ inline __m512 join_scales(float lo, float hi) {
 }
 #endif
 
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
 // 32 signed int8 pairs -> 8 int32 sums. maddubs wants u8 x s8, so |w| meets
 // x * sign(w); |w| <= 127 and |x| <= 127 keep each int16 pair sum below 32767.
 inline __m256i dot_s8_s8(__m256i w, __m256i x) {
   const __m256i uw = _mm256_sign_epi8(w, w);
   const __m256i sx = _mm256_sign_epi8(x, w);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   return _mm256_dpbusd_epi32(_mm256_setzero_si256(), uw, sx);
 #else
   return _mm256_madd_epi16(_mm256_maddubs_epi16(uw, sx), _mm256_set1_epi16(1));
@@ -177,7 +171,7 @@ inline __m256i unpack_q4_0(const std::uint8_t* qs) {
 // maddubs / vpdpbusd take it as is (pair sums <= 2 * 15 * 127, no saturation),
 // and subtracting sum(x) from each of the 8 lanes removes 8 * sum(x) in total.
 inline __m256i dot_q4_x8(__m256i q, __m256i x, std::int32_t xsum) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
 #else
   const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
@@ -192,7 +186,7 @@ inline float dot_row(const quant::block_q8_0* w, const q8_activations& a) {
   const float* xd = a.d.data();
   index_t b = 0;
   float total = 0.0f;
-#if defined(CTFORMER_QUANT_AVX512_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   __m512 acc = _mm512_setzero_ps();
   for (; b + 2 <= nb; b += 2) {
     const __m512i wv = join_256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs)),
@@ -203,7 +197,7 @@ inline float dot_row(const quant::block_q8_0* w, const q8_activations& a) {
   }
   total = _mm512_reduce_add_ps(acc);
 #endif
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; b + 2 <= nb; b += 2) {
     prefetch_weights(w + b);
@@ -237,7 +231,7 @@ inline float dot_row(const quant::block_q4_0* w, const q8_activations& a) {
   (void)xs;
   index_t b = 0;
   float total = 0.0f;
-#if defined(CTFORMER_QUANT_AVX512_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   __m512 acc = _mm512_setzero_ps();
   for (; b + 2 <= nb; b += 2) {
     const __m512i qv = join_256(unpack_q4_0(w[b].qs), unpack_q4_0(w[b + 1].qs));
@@ -249,7 +243,7 @@ inline float dot_row(const quant::block_q4_0* w, const q8_activations& a) {
   }
   total = _mm512_reduce_add_ps(acc);
 #endif
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; b + 2 <= nb; b += 2) {
     prefetch_weights(w + b);
@@ -278,8 +272,7 @@ inline float dot_row(const quant::block_q4_0* w, const q8_activations& a) {
   return total;
 }
 
-#if defined(__AVX2__) && !defined(CTFORMER_QUANT_AVX512_VNNI)
-#define CTFORMER_QUANT_TWO_ROWS 1
+#if defined(CTFORMER_CPU_AVX2) && !defined(CTFORMER_CPU_AVX512_VNNI)
 /// One block's integer dot with the activation block x (sum xsum): 8 int32 lanes.
 inline __m256i block_dot(const quant::block_q4_0& w, __m256i x, std::int32_t xsum) {
   return dot_q4_x8(unpack_q4_0(w.qs), x, xsum);
@@ -330,7 +323,7 @@ inline float dot_row_i8(const std::int8_t* w, const q8_activations& a) {
   const float* xd = a.d.data();
   index_t b = 0;
   float total = 0.0f;
-#if defined(CTFORMER_QUANT_AVX512_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
   __m512 acc = _mm512_setzero_ps();
   for (; b + 2 <= nb; b += 2) {
     const __m512i wv = _mm512_loadu_si512(w + b * qk);
@@ -339,7 +332,7 @@ inline float dot_row_i8(const std::int8_t* w, const q8_activations& a) {
   }
   total = _mm512_reduce_add_ps(acc);
 #endif
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; b + 2 <= nb; b += 2) {
     prefetch_weights(w + b * qk);
@@ -371,7 +364,7 @@ inline float dot_row_i8(const std::int8_t* w, const q8_activations& a) {
 inline float dot_row_bf16(const bf16* w, const float* x, index_t n) {
   index_t i = 0;
   float total = 0.0f;
-#if defined(__AVX512F__)
+#if defined(CTFORMER_CPU_AVX512)
   __m512 acc512 = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i)));
@@ -379,7 +372,7 @@ inline float dot_row_bf16(const bf16* w, const float* x, index_t n) {
   }
   total = _mm512_reduce_add_ps(acc512);
 #endif
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (; i + 16 <= n; i += 16) {
     const __m256i w0 = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + i)));
@@ -397,7 +390,7 @@ inline float dot_row_bf16(const bf16* w, const float* x, index_t n) {
 inline float dot_row_f32(const float* w, const float* x, index_t n) {
   index_t i = 0;
   float total = 0.0f;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
          acc3 = _mm256_setzero_ps();
   for (; i + 32 <= n; i += 32) {
@@ -423,7 +416,7 @@ inline float dot_row_f32(const float* w, const float* x, index_t n) {
 /// row: Format::row_bytes(cols) bytes -> out: (cols).
 template <class Format>
 void dequantize_row_fast(const std::byte* row, float* out, index_t cols) {
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   if constexpr (std::is_same_v<Format, quant::q8_0> || std::is_same_v<Format, quant::q4_0>) {
     const auto* blocks = reinterpret_cast<const typename Format::block_type*>(row);
     for (index_t b = 0; b < cols / qk; ++b) {
@@ -452,9 +445,8 @@ void dequantize_row_fast(const std::byte* row, float* out, index_t cols) {
 /// are handed out first come, first served, sixteen per thread: two threads
 /// rarely stream DRAM at the same speed (a shared core, a noisy neighbour),
 /// and a fixed half each would leave the faster one waiting at the barrier.
-/// With four per thread a decode step still spent about a sixth of its
-/// two-thread time spinning at those barriers; sixteen measured 12% faster
-/// for q8_0 decode (q4_0 unchanged within the noise).
+/// Sixteen rather than a few, so that the range a thread is still finishing
+/// when the others run out is a small share of the matrix.
 /// Matrices under 64 KiB stay on the calling thread: waking the pool costs more.
 template <class Body>
 void for_row_ranges(const par_t& exec, index_t rows, std::size_t bytes, Body&& body) {
@@ -486,11 +478,11 @@ void gemv_rows(const quant::packed_matrix<Format>& w, const float* xf, const q8_
                tensor_view<float, 1> y, index_t begin, index_t end) {
   const index_t cols = w.cols();
   index_t r = begin;
-#if defined(CTFORMER_QUANT_TWO_ROWS)
-  // q4_0 only: its GEMV is compute-bound (nibble unpacking), and sharing the
-  // activation loads between two rows measured 3-12% faster. q8_0 is nearer
-  // its memory bound, and two interleaved row streams made its DRAM-resident
-  // case (32000 x 768) 40-60% slower on Zen 3, so it stays one row at a time.
+#if defined(CTFORMER_CPU_AVX2) && !defined(CTFORMER_CPU_AVX512_VNNI)
+  // q4_0 only: its GEMV is compute-bound (nibble unpacking), so sharing the
+  // activation loads between two rows pays. q8_0 is nearer its memory bound,
+  // where two interleaved row streams slow a DRAM-resident matrix down, so it
+  // stays one row at a time.
   if constexpr (std::is_same_v<Format, quant::q4_0>) {
     using block = typename Format::block_type;
     for (; r + 2 <= end; r += 2) {
@@ -533,7 +525,7 @@ inline constexpr bool uses_q8_activations =
 template <int TT, int RR>
 inline void micro_dot(const float* const* x, const float* const* w, index_t k, float (&out)[4][3]) {
   index_t p = 0;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   __m256 acc[TT][RR];
   for (int t = 0; t < TT; ++t)
     for (int r = 0; r < RR; ++r) acc[t][r] = _mm256_setzero_ps();
@@ -564,7 +556,7 @@ inline void micro_dot_rows(int rr, const float* const* x, const float* const* w,
 }
 
 /// Weight rows dequantized per tile for the GEMM (48 rows x 768 columns = 144 KiB:
-/// inside a Zen 3 / Sapphire Rapids L2 with room for the token rows).
+/// inside a 512 KiB L2 with room for the token rows).
 inline constexpr index_t gemm_row_tile = 48;
 
 inline std::vector<float>& gemm_tile_scratch() {
@@ -614,7 +606,7 @@ void quantized_gemv_impl(const par_t& exec, const quant::packed_matrix<Format>& 
 /// Where a real int8 GEMM would go: for q8_0 / q4_0 / int8_rowwise, quantize
 /// the T token rows to q8 blocks once (as the GEMV does for one) and replace
 /// the fp32 micro-kernel by an integer one (vpmaddubsw on AVX2, vpdpbusd on
-/// AVX512-VNNI, AMX-INT8 tiles on Sapphire Rapids): 4x the multiply-adds per
+/// AVX512-VNNI, AMX-INT8 tiles where the CPU has them): 4x the multiply-adds per
 /// instruction and no dequantization, at the price of the activation rounding
 /// the GEMV already accepts.
 /// w: (out, in), x: (T, in) rows contiguous, y: (T, out).
@@ -662,6 +654,3 @@ void quantized_gemm_impl(const par_t& exec, const quant::packed_matrix<Format>& 
 }
 
 }  // namespace ctformer::cpu
-
-#undef CTFORMER_QUANT_AVX512_VNNI
-#undef CTFORMER_QUANT_TWO_ROWS

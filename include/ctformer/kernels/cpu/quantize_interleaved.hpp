@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "ctformer/kernels/cpu/detail/vnni.hpp"
+#include "ctformer/kernels/cpu/isa.hpp"
 #include "ctformer/kernels/cpu/quantize.hpp"
 #include "ctformer/quant/interleaved_matrix.hpp"
 
@@ -51,10 +52,7 @@ float interleaved_row_dot(const quant::interleaved_matrix<Format>& w, index_t r,
   return acc;
 }
 
-#if defined(__AVX2__)
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define CTFORMER_INTERLEAVED_VNNI 1
-#endif
+#if defined(CTFORMER_CPU_AVX2)
 
 /// Adds the products of one 32-byte chunk of quants (4 per row: unsigned
 /// after unpacking for q4_0; for q8_0 signed, or q + 128 with VNNI) with the
@@ -64,7 +62,7 @@ float interleaved_row_dot(const quant::interleaved_matrix<Format>& w, index_t r,
 template <class Format>
 inline __m256i add_chunk(__m256i s, __m256i quants, __m256i x4) {
   if constexpr (std::is_same_v<Format, quant::q4_0>) {
-#if defined(CTFORMER_INTERLEAVED_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
     return multiply_add_unsigned_signed(s, quants, x4);
 #else
     // q <= 15 and |x| <= 127: each int16 pair sum is at most 3810, eight of
@@ -72,7 +70,7 @@ inline __m256i add_chunk(__m256i s, __m256i quants, __m256i x4) {
     return _mm256_add_epi16(s, _mm256_maddubs_epi16(quants, x4));
 #endif
   } else {
-#if defined(CTFORMER_INTERLEAVED_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
     // quants holds q + 128 (chunk() flips the sign bit): vpdpbusd takes it as
     // unsigned and sums in int32 without saturating; finish_block removes
     // 128 sum x.
@@ -88,12 +86,12 @@ inline __m256i add_chunk(__m256i s, __m256i quants, __m256i x4) {
 template <class Format>
 inline __m256i finish_block(__m256i s, std::int32_t xsum) {
   if constexpr (std::is_same_v<Format, quant::q4_0>) {
-#if !defined(CTFORMER_INTERLEAVED_VNNI)
+#if !defined(CTFORMER_CPU_AVX512_VNNI)
     s = _mm256_madd_epi16(s, _mm256_set1_epi16(1));
 #endif
     return _mm256_sub_epi32(s, _mm256_set1_epi32(8 * xsum));
   } else {
-#if defined(CTFORMER_INTERLEAVED_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
     return _mm256_sub_epi32(s, _mm256_set1_epi32(128 * xsum));
 #else
     (void)xsum;
@@ -118,7 +116,7 @@ inline __m256i chunk(const std::uint8_t* quants, int c) {
     return _mm256_and_si256(c % 2 == 0 ? v : _mm256_srli_epi16(v, 4), low_nibbles);
   } else {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + 32 * c));
-#if defined(CTFORMER_INTERLEAVED_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
     // q + 128 as an unsigned byte, for vpdpbusd's unsigned operand: one xor
     // per chunk, shared by every token, instead of two sign operations per
     // chunk and token.
@@ -131,7 +129,17 @@ inline __m256i chunk(const std::uint8_t* quants, int c) {
 
 /// The 8 rows' scales of a group block as floats.
 inline __m256 group_scales(const std::byte* group_block) {
+#if defined(CTFORMER_CPU_F16C)
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(group_block)));
+#else
+  alignas(32) float scales[8];
+  for (int r = 0; r < 8; ++r) {
+    fp16 d;
+    std::memcpy(&d, group_block + r * sizeof(fp16), sizeof d);
+    scales[r] = fp16_to_float(d);
+  }
+  return _mm256_load_ps(scales);
+#endif
 }
 #endif
 
@@ -139,7 +147,7 @@ inline __m256 group_scales(const std::byte* group_block) {
 template <class Format>
 void group_dot(const quant::interleaved_matrix<Format>& w, index_t g, const q8_activations& a, float* out) {
   using matrix = quant::interleaved_matrix<Format>;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   __m256 acc = _mm256_setzero_ps();
   const std::byte* gb = w.group_block(g, 0);
   for (index_t b = 0; b < a.blocks; ++b, gb += matrix::group_block_bytes) {
@@ -170,7 +178,7 @@ inline constexpr index_t interleaved_gemm_tokens = 4;
 template <class Format>
 void group_dot_tokens(const quant::interleaved_matrix<Format>& w, index_t g, const q8_activations* const* a, int n,
                       float (*out)[8]) {
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   using matrix = quant::interleaved_matrix<Format>;
   if (n == interleaved_gemm_tokens) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
@@ -181,8 +189,8 @@ void group_dot_tokens(const quant::interleaved_matrix<Format>& w, index_t g, con
       const auto* quants = reinterpret_cast<const std::uint8_t*>(gb + matrix::scale_bytes);
       __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
       // Two chunks (one stored q4_0 chunk) per iteration and no further
-      // unrolling: fully unrolled, GCC hoisted all 32 multiply-adds ahead of
-      // their sums and spilled them to the stack.
+      // unrolling: fully unrolled, GCC hoists all 32 multiply-adds ahead of
+      // their sums and spills them to the stack.
 #pragma GCC unroll 1
       for (int c = 0; c < 8; c += 2) {
         const __m256i q0 = chunk<Format>(quants, c), q1 = chunk<Format>(quants, c + 1);
@@ -206,7 +214,7 @@ void group_dot_tokens(const quant::interleaved_matrix<Format>& w, index_t g, con
   for (int t = 0; t < n; ++t) group_dot(w, g, *a[t], out[t]);
 }
 
-#if defined(CTFORMER_INTERLEAVED_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
 /// out[t][0..16) = groups g and g + 1 (16 rows) dotted with tokens a[0..4):
 /// each activation broadcast feeds one vpdpbusd per group. With VNNI the
 /// single-group tile spends a load on a broadcast for every multiply-add and
@@ -271,7 +279,7 @@ void dequantize_group(const quant::interleaved_matrix<Format>& w, index_t g, flo
       std::memcpy(&d, gb + r * sizeof(fp16), sizeof d);
       [[maybe_unused]] const float scale = fp16_to_float(d);
       float* o = out + r * out_stride + b * qk;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
       // Row r's 32 quants as signed bytes in element order.
       __m128i first, second;
       if constexpr (std::is_same_v<Format, quant::q4_0>) {
@@ -305,7 +313,7 @@ void dequantize_group(const quant::interleaved_matrix<Format>& w, index_t g, flo
 
 /// Whether this build's interleaved kernels multiply with VNNI's vpdpbusd.
 inline constexpr bool interleaved_vnni =
-#if defined(CTFORMER_INTERLEAVED_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
     true;
 #else
     false;
@@ -321,10 +329,10 @@ inline std::vector<q8_activations>& token_activation_scratch() {
 
 /// Whether q8_0 weights are better kept interleaved by 8 rows than row-major
 /// in this build: with VNNI (q + 128 against the activation bytes, one
-/// vpdpbusd per 32 products) its int8 GEMM beats dequantizing to fp32 by
-/// 1.5-2x in prefill, and decode is as fast; without it each chunk needs the
-/// sign trick and a widening multiply-add, and row-major measured as fast or
-/// faster (Zen 3). Behind ops::interleave_q8_0.
+/// vpdpbusd per 32 products) its int8 GEMM beats dequantizing to fp32 in
+/// prefill, and decode is as fast; without it each chunk needs the sign
+/// trick and a widening multiply-add, and row-major is as fast or faster
+/// (docs/performance.md). Behind ops::interleave_q8_0.
 constexpr bool interleave_q8_0_impl(const par_t*) { return detail::interleaved_vnni; }
 
 /// out = the fp32 values of w. out: (rows, cols), rows contiguous.
@@ -388,10 +396,9 @@ void quantized_gemm_impl(const par_t& exec, const quant::interleaved_matrix<Form
   });
   // Tiles of about 48 KiB of weights (at least 8 per thread), handed out
   // first come, first served: with a static split, a thread slowed by
-  // anything else on the machine left the other waiting at the end of every
-  // GEMM (9% of a 2-thread prefill profile).
-  // Tiles are whole pairs of groups where the kernel takes two at once (an
-  // odd tile ran its last group alone: 8% of a q8_0 prefill).
+  // anything else on the machine would leave the other waiting at the end of
+  // every GEMM. Tiles are whole pairs of groups where the kernel takes two at
+  // once, so that no tile ends in a group run alone.
   const index_t groups = w.groups();
   constexpr index_t unit = detail::interleaved_vnni ? 2 : 1;
   const index_t units = (groups + unit - 1) / unit;
@@ -406,7 +413,7 @@ void quantized_gemm_impl(const par_t& exec, const quant::interleaved_matrix<Form
       const detail::q8_activations* a[detail::interleaved_gemm_tokens];
       for (int t = 0; t < n; ++t) a[t] = &acts[std::size_t(t0 + t)];
       index_t g = g0;
-#if defined(CTFORMER_INTERLEAVED_VNNI)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
       if (n == detail::interleaved_gemm_tokens) {
         for (; g + 2 <= g1; g += 2) {
           float out[detail::interleaved_gemm_tokens][2 * group_rows];
@@ -429,5 +436,3 @@ void quantized_gemm_impl(const par_t& exec, const quant::interleaved_matrix<Form
 }
 
 }  // namespace ctformer::cpu
-
-#undef CTFORMER_INTERLEAVED_VNNI

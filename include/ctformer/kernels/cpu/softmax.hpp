@@ -10,6 +10,7 @@
 #include "ctformer/core/logits_scan.hpp"
 #include "ctformer/core/softmax_mask.hpp"
 #include "ctformer/kernels/cpu/detail/vector_math.hpp"
+#include "ctformer/kernels/cpu/isa.hpp"
 #include "ctformer/kernels/cpu/norm.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 
@@ -78,7 +79,7 @@ inline void softmax_backward_impl(const par_t& exec, tensor_view<const float, 3>
 /// One pass over a logits row for its maximum, its lowest finite value and
 /// any NaN or +inf, then a search for the first index of the maximum (ties:
 /// the smallest index, as a scalar scan would find). Eight lanes at a time:
-/// a scalar pass over a 32000-token vocabulary cost about 1% of a decode step.
+/// it runs over the whole vocabulary for every sampled token.
 inline logits_scan scan_logits_impl(const par_t&, tensor_view<const float, 1> logits) {
   constexpr float infinity = std::numeric_limits<float>::infinity();
   const index_t n = logits.extent(0);
@@ -90,7 +91,7 @@ inline logits_scan scan_logits_impl(const par_t&, tensor_view<const float, 1> lo
     if (v < r.lowest_finite && v > -infinity) r.lowest_finite = v;
   };
   index_t i = 0;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   if (contiguous && n >= 8) {
     const float* x = logits.data();
     const __m256 positive = _mm256_set1_ps(infinity), negative = _mm256_set1_ps(-infinity);
@@ -122,7 +123,7 @@ inline logits_scan scan_logits_impl(const par_t&, tensor_view<const float, 1> lo
   if (r.nan_or_positive_infinity) return r;
   // The first index holding the maximum (every value is <= max: no NaN).
   index_t j = 0;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   if (contiguous) {
     const float* x = logits.data();
     const __m256 target = _mm256_set1_ps(r.max);

@@ -20,10 +20,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__)
-#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
-#endif
-
+#include "ctformer/kernels/cpu/isa.hpp"
 #include "ctformer/kernels/cpu/parallel.hpp"
 #include "ctformer/kernels/cpu/quantize.hpp"
 #include "ctformer/quant/packed_matrix.hpp"
@@ -38,7 +35,7 @@ inline float dot_row_2of4(const quant::block_2of4* w, const float* x, index_t co
   const index_t nb = cols / quant::sparse_2of4::block_size;
   index_t b = 0;
   float total = 0.0f;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   // Per 16 columns (half a block, 4 groups): lane l holds kept value l, of
   // group l/2, so its column is (bits >> 2l) & 3 within the group, plus 4 for
   // the odd groups (the upper half of their 8-column x vector).
@@ -68,7 +65,7 @@ inline float dot_row_2of4(const quant::block_2of4* w, const float* x, index_t co
   return total;
 }
 
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
 /// For each mask byte m: lane l's rank among m's set bits (where bit l is
 /// set), i.e. the permute that moves packed value k to the k-th set column.
 inline const std::array<std::uint64_t, 256>& expand_table() {
@@ -95,7 +92,7 @@ inline float dot_row_half(const std::byte* row, const float* x, index_t cols) {
   [[maybe_unused]] const index_t stored = cols / 2;  // read by the AVX2 loop only
   index_t c = 0, k = 0;
   float total = 0.0f;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
   const auto& table = expand_table();
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();

@@ -30,9 +30,8 @@ inline void spin_pause() {
 }
 
 /// Why not OpenMP's parallel regions: a decode step forks and joins about 60
-/// times, tens of microseconds apart, and libgomp's fork/join costs 2-6 us
-/// each on the two-core machine of docs/performance.md, where this pool's
-/// costs 0.1-1.6 us.
+/// times, tens of microseconds apart, and libgomp's fork/join costs several
+/// times this pool's (docs/performance.md).
 ///
 /// A job's members are claimed, not assigned: the caller runs member 0, then
 /// every thread (caller included) takes the next unclaimed member until none
@@ -40,8 +39,7 @@ inline void spin_pause() {
 /// holds its core, therefore delays nobody: the caller runs its members
 /// instead, and a late worker finds nothing left to do. Two programs of two
 /// threads each on two cores both run at one-thread speed, where with
-/// libgomp each waited for the other's time slices (3-9x slower than that,
-/// docs/performance.md).
+/// libgomp each waits for the other's time slices (docs/performance.md).
 ///
 /// It keeps OpenMP's contract where kernels rely on it: each calling thread
 /// has its own workers (two application threads never share a team), and a

@@ -1,6 +1,6 @@
 // GEMM micro-kernels: the register-blocked inner loop that multiplies one packed
 // micro-panel of A by one of B, one kernel per instruction set, picked at
-// compile time from the compiler's target macros (the user's -m flags decide).
+// compile time from kernels/cpu/isa.hpp (the user's -m flags decide).
 #pragma once
 
 #include <cstdint>
@@ -8,9 +8,7 @@
 #include "ctformer/core/number_types.hpp"
 #include "ctformer/core/tensor_view.hpp"
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
-#endif
+#include "ctformer/kernels/cpu/isa.hpp"
 
 // CTFORMER_GEMM_UNROLL(n): unroll the next loop n times (g++ and clang).
 // nvcc's front end, which reads these headers when a .cu file includes
@@ -51,7 +49,7 @@ inline void gemm_store_row(const float* acc, float* c, index_t c_col_stride, ind
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(CTFORMER_CPU_AVX512)
 
 /// AVX-512F fp32 kernel: a 12 x 32 tile of C in 24 zmm accumulators, two zmm
 /// loads of B and twelve broadcasts of A per k, leaving registers for the
@@ -59,8 +57,9 @@ inline void gemm_store_row(const float* acc, float* c, index_t c_col_stride, ind
 struct gemm_kernel_f32_avx512 {
   using packed_type = float;
   static constexpr index_t mr = 12, nr = 32, k_group = 1;
-  // kc * nr * 4 bytes = 32 KiB of B per micro-panel (Sapphire Rapids' L1 holds 48 KiB);
-  // mc * kc * 4 = 384 KiB of A (L2 is 2 MiB); kc * nc * 4 = 4 MiB of B in L3.
+  // Sized for the caches of AVX-512 server cores (48 KiB L1, 2 MiB L2):
+  // kc * nr * 4 bytes = 32 KiB of B per micro-panel in L1; mc * kc * 4 =
+  // 384 KiB of A in L2; kc * nc * 4 = 4 MiB of B in L3.
   static constexpr index_t mc = 384, kc = 256, nc = 4096;
 
   /// c (mr x nr, row stride ldc, unit column stride) = alpha * a b + beta * c.
@@ -103,9 +102,9 @@ CTFORMER_GEMM_UNROLL(12)
   }
 };
 
-#endif  // __AVX512F__
+#endif  // CTFORMER_CPU_AVX512
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(CTFORMER_CPU_AVX512_BF16)
 
 /// AVX512_BF16 kernel: bf16 inputs, fp32 accumulation with vdpbf16ps. Each
 /// packed lane holds the pair (k, k+1); one vdpbf16ps multiplies 16 pairs and
@@ -143,20 +142,20 @@ CTFORMER_GEMM_UNROLL(12)
   }
 };
 
-#endif  // __AVX512BF16__
+#endif  // CTFORMER_CPU_AVX512_BF16
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(CTFORMER_CPU_AVX2)
 
-/// AVX2 + FMA fp32 kernel (Haswell and later, AMD Zen): a 6 x 16 tile of C in
+/// AVX2 + FMA fp32 kernel: a 6 x 16 tile of C in
 /// 12 ymm accumulators; per k two ymm loads of B and six broadcasts of A feed
 /// 12 FMAs, which keeps both FMA pipes busy (16 ymm registers: 12 + 2 + 1).
 struct gemm_kernel_f32_avx2 {
   using packed_type = float;
   static constexpr index_t mr = 6, nr = 16, k_group = 1;
-  // kc * nr * 4 = 16 KiB of B per micro-panel in the 32 KiB L1; mc * kc * 4 =
-  // 240 KiB of A, half the 512 KiB L2 of Zen 3; kc * nc * 4 = 4 MiB of B in the
-  // shared L3. Measured on Zen 3 (docs/performance.md): mc from 72 to 360 and
-  // kc from 256 to 384 all land within the machine's noise of each other.
+  // kc * nr * 4 = 16 KiB of B per micro-panel in a 32 KiB L1; mc * kc * 4 =
+  // 240 KiB of A, half a 512 KiB L2; kc * nc * 4 = 4 MiB of B in the shared
+  // L3. Speed is flat over a wide range of mc and kc around these
+  // (docs/performance.md), so they are not tuned per machine.
   static constexpr index_t mc = 240, kc = 256, nc = 4080;
 
   static void run(index_t k_steps, const float* __restrict a, const float* __restrict b, float* __restrict c,
@@ -201,7 +200,7 @@ CTFORMER_GEMM_UNROLL(6)
   }
 };
 
-#endif  // __AVX2__ && __FMA__
+#endif  // CTFORMER_CPU_AVX2
 
 /// Portable fp32 kernel: plain C++ the compiler vectorises for whatever target
 /// it has (SSE2, NEON, ...). A 4 x 8 tile fits the 16 registers of SSE2 as 8
@@ -227,9 +226,9 @@ struct gemm_kernel_f32_portable {
 };
 
 /// The fp32 kernel for the instruction set being compiled for.
-#if defined(__AVX512F__)
+#if defined(CTFORMER_CPU_AVX512)
 using gemm_kernel_f32 = gemm_kernel_f32_avx512;
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(CTFORMER_CPU_AVX2)
 using gemm_kernel_f32 = gemm_kernel_f32_avx2;
 #else
 using gemm_kernel_f32 = gemm_kernel_f32_portable;
@@ -243,7 +242,7 @@ template <class T>
 struct gemm_kernel_for {
   using type = gemm_kernel_f32;
 };
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(CTFORMER_CPU_AVX512_BF16)
 template <>
 struct gemm_kernel_for<bf16> {
   using type = gemm_kernel_bf16_avx512;

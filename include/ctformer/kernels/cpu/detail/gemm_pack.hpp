@@ -11,10 +11,7 @@
 #include "ctformer/core/number_types.hpp"
 #include "ctformer/core/tensor_view.hpp"
 #include "ctformer/kernels/cpu/detail/gemm_microkernel.hpp"
-
-#if defined(__AVX2__)
-#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
-#endif
+#include "ctformer/kernels/cpu/isa.hpp"
 
 namespace ctformer::cpu::detail {
 
@@ -67,7 +64,7 @@ inline Out gemm_pack_convert(In x) {
     return static_cast<Out>(x);  // bf16 -> float: exact
 }
 
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
 /// Eight consecutive values as fp32 (bf16 widens exactly: shift into the top half).
 inline __m256 gemm_load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 gemm_load8(const bf16* p) {
@@ -130,7 +127,7 @@ inline void gemm_pack_8k(float* dst, const In* src, index_t lane_stride, int cou
   gemm_transpose8(r);
   for (int k = 0; k < 8; ++k) gemm_store_first(dst + k * Panel, r[k], count);
 }
-#endif  // __AVX2__
+#endif  // CTFORMER_CPU_AVX2
 
 /// Packs a block of `lanes` x `depth` values of a strided matrix into panels
 /// of Panel lanes: element (lane, k) of the source sits at
@@ -168,7 +165,7 @@ void gemm_pack(Out* __restrict dst, const In* __restrict src, index_t lanes, ind
         // otherwise read Panel rows in step, 8 k at a time, so each source
         // row is read a cache line at a time and the writes stay sequential.
         index_t k = 0;
-#if defined(__AVX2__)
+#if defined(CTFORMER_CPU_AVX2)
         if constexpr (std::is_same_v<Out, float>) {
           for (; k + 8 <= depth; k += 8)
             for (index_t lane = 0; lane < Panel; lane += 8)

@@ -1,7 +1,8 @@
 // SIMD float vectors for the CPU kernels (f32x16 with AVX-512, f32x8 with
 // AVX2+FMA, f32x1 everywhere) and exp / tanh approximations written once over
-// them. The widest type the compiler target allows is `vf`; the choice is made
-// by the target macros (__AVX512F__, __AVX2__ && __FMA__), never at run time.
+// them. The widest type the build allows is `vf`; the choice is made by
+// kernels/cpu/isa.hpp's macros (CTFORMER_CPU_AVX512, CTFORMER_CPU_AVX2), never
+// at run time.
 //
 // Accuracy (measured by tests/unit/ops/test_activation.cpp "vector exp and
 // tanh" against double-precision std::exp / std::tanh, on every type the
@@ -19,16 +20,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)) || defined(__F16C__)
-#include "ctformer/kernels/cpu/detail/intrinsics.hpp"
-#endif
-
-#if defined(__AVX512F__)
-#define CTFORMER_CPU_AVX512 1
-#endif
-#if defined(__AVX2__) && defined(__FMA__)
-#define CTFORMER_CPU_AVX2 1
-#endif
+#include "ctformer/kernels/cpu/isa.hpp"
 
 namespace ctformer::cpu::detail {
 

@@ -9,12 +9,11 @@
 // register. Clang allocates the intrinsic well and keeps it.
 #pragma once
 
-#include "ctformer/kernels/cpu/detail/vector_math.hpp"
+#include "ctformer/kernels/cpu/isa.hpp"
 
-#if defined(__AVX512VNNI__)
+#if defined(CTFORMER_CPU_AVX512_VNNI)
 namespace ctformer::cpu::detail {
 
-#if defined(__AVX512VL__)
 inline __m256i multiply_add_unsigned_signed(__m256i s, __m256i u, __m256i x) {
 #if defined(__GNUC__) && !defined(__clang__)
   asm("vpdpbusd %2, %1, %0" : "+v"(s) : "v"(u), "v"(x));
@@ -23,7 +22,6 @@ inline __m256i multiply_add_unsigned_signed(__m256i s, __m256i u, __m256i x) {
   return _mm256_dpbusd_epi32(s, u, x);
 #endif
 }
-#endif
 
 inline __m512i multiply_add_unsigned_signed(__m512i s, __m512i u, __m512i x) {
 #if defined(__GNUC__) && !defined(__clang__)
