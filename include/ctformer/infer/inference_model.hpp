@@ -175,7 +175,13 @@ class inference_model {
 
   /// A cache of this model's shape (n_layer, n_kv_head, head_dim, max_seq).
   /// @param capacity contiguous: sequence slots; paged: positions in the pool
-  cache_type make_cache(index_t capacity) const { return cache_type(n_layer, n_kv_head, head_dim, max_seq, capacity); }
+  /// Windowed layers (a sliding-window pattern) keep a ring of their window per sequence.
+  /// @param max_sequences paged caches with windowed layers: the most sequences open at once (sizes the rings)
+  cache_type make_cache(index_t capacity, index_t max_sequences = 0) const {
+    std::vector<index_t> windows(static_cast<std::size_t>(n_layer), index_t(0));
+    for (index_t l = 0; l < n_layer; ++l) windows[std::size_t(l)] = traits::window_of(int(l));
+    return cache_type(n_layer, n_kv_head, head_dim, max_seq, capacity, std::move(windows), max_sequences);
+  }
 
   /// Bytes of the packed linear weights: what one decode step streams from
   /// memory (the embedding row, norms and biases add under 0.1%).
@@ -355,6 +361,12 @@ class inference_model {
 
   // --- checks -------------------------------------------------------------------
   void check_cache(const cache_type& cache) const {
+    bool windows_match = true;
+    for (index_t l = 0; l < n_layer && cache.n_layer() == n_layer; ++l)
+      windows_match = windows_match && cache.window_of(l) == traits::window_of(int(l));
+    if (!windows_match)
+      throw shape_error("ctformer::infer::inference_model: the cache's layer windows are not the model's "
+                        "attention pattern (build the cache with make_cache)");
     if (cache.n_layer() != n_layer || cache.n_kv_head() != n_kv_head || cache.head_dim() != head_dim ||
         cache.max_seq() > max_seq)
       throw shape_error("ctformer::infer::inference_model: the cache has (n_layer, n_kv_head, head_dim, max_seq) = (" +
@@ -408,7 +420,14 @@ class inference_model {
                             std::to_string(std::min<index_t>(max_seq, cache.max_seq())) + " positions");
       ++seg.rows;
     }
+    index_t ring_blocks = 0;
     for (const auto& seg : segments_) {
+      ring_blocks += cache.ring_blocks_needed(seg.sequence, seg.start + seg.rows);
+      if (ring_blocks > cache.free_ring_block_count())
+        throw cache_exhausted(where + "sequence " + std::to_string(seg.sequence) + " (rows " +
+                              std::to_string(seg.first_row) + ".." + std::to_string(seg.first_row + seg.rows - 1) +
+                              ") needs ring blocks for its windowed layers, but their pool has only " +
+                              std::to_string(cache.free_ring_block_count()) + " free; nothing was written");
       const index_t needed = cache.blocks_needed(seg.sequence, seg.start + seg.rows);
       blocks += needed;
       if (blocks > cache.free_block_count())
@@ -442,20 +461,12 @@ class inference_model {
 
     const float scale = 1.0f / std::sqrt(float(head_dim));
     const auto as_stored = [](const weight_matrix& m) -> const weight_matrix& { return m; };
-    for (index_t l = 0; l < n_layer; ++l) {
+    nn::for_each_layer<Cfg>([&](index_t l, auto kind) {
+      constexpr index_t window = decltype(kind)::window;
       block::forward(exec_, weights_.blocks[l], as_stored, a, rope_.view(), positions,
                      [&](tensor_view<const float, 3> q, tensor_view<const float, 3> k, tensor_view<const float, 3> v,
-                         tensor_view<float, 3> out) {
-                       attention_segments_.clear();
-                       for (const auto& seg : segments_) {
-                         cache.write(l, seg.sequence, seg.start, rows_of(k, seg), rows_of(v, seg));
-                         attention_segments_.push_back(
-                             {cache.view(l, seg.sequence), seg.first_row, seg.rows, seg.start, 0});
-                       }
-                       ops::cached_attention(exec_, q, std::span<const attention_segment_type>(attention_segments_),
-                                             out, scale);
-                     });
-    }
+                         tensor_view<float, 3> out) { attend<window>(cache, l, q, k, v, out, scale); });
+    });
 
     // Only the rows that want logits go through the final norm and the head.
     logit_row_index_.clear();
@@ -474,6 +485,31 @@ class inference_model {
                         tensor_view<float, 1>(a.attention_norm_mean.data(), {logit_rows_}),
                         tensor_view<float, 1>(a.attention_norm_rstd.data(), {logit_rows_}));
     ops::linear(exec_, as_const(normed), weights_.lm_head, tensor_view<float, 2>(logits_.data(), {logit_rows_, vocab}));
+  }
+
+  // Writes the batch's keys and values of layer l to the cache and attends
+  // every row over its own sequence. A windowed layer's ring holds
+  // ring_positions() >= W positions, so rows are written and attended in
+  // steps of ring_positions() - W + 1: a step's writes overwrite only
+  // positions older than any of its queries' windows.
+  template <index_t Window>
+  void attend(cache_type& cache, index_t l, tensor_view<const float, 3> q, tensor_view<const float, 3> k,
+              tensor_view<const float, 3> v, tensor_view<float, 3> out, float scale) {
+    index_t step = 0;
+    for (const auto& seg : segments_) step = std::max(step, seg.rows);
+    if constexpr (Window > 0) step = std::min(step, cache.ring_positions() - Window + 1);
+    index_t longest = 0;
+    for (const auto& seg : segments_) longest = std::max(longest, seg.rows);
+    for (index_t done = 0; done < longest; done += step) {
+      attention_segments_.clear();
+      for (const auto& seg : segments_) {
+        if (done >= seg.rows) continue;
+        const segment part{seg.sequence, seg.first_row + done, std::min(step, seg.rows - done), seg.start + done};
+        cache.write(l, part.sequence, part.start, rows_of(k, part), rows_of(v, part));
+        attention_segments_.push_back({cache.view(l, part.sequence), part.first_row, part.rows, part.start, Window});
+      }
+      ops::cached_attention(exec_, q, std::span<const attention_segment_type>(attention_segments_), out, scale);
+    }
   }
 
   // The rows of one segment of an (N, heads, D) view.

@@ -102,8 +102,17 @@ class kv_cache {
 
   /// @param capacity contiguous: the number of sequence slots; paged: the
   ///   positions in the pool (rounded up to whole blocks).
-  /// Throws invalid_input for a non-positive dimension.
-  kv_cache(index_t n_layer, index_t n_kv_head, index_t head_dim, index_t max_seq, index_t capacity)
+  /// @param layer_windows each layer's attention window (0: global; empty:
+  ///   every layer global). A windowed layer keeps only its sequences' last
+  ///   positions, in a ring of ring_positions() = the window rounded up to
+  ///   whole blocks, so its memory is bounded by the window, not the context.
+  ///   The windowed layers share one width.
+  /// @param max_sequences paged caches with windowed layers: the most
+  ///   sequences open at once, which sizes the rings' pool (0: as many as
+  ///   the pool has blocks).
+  /// Throws invalid_input for a non-positive dimension or bad windows.
+  kv_cache(index_t n_layer, index_t n_kv_head, index_t head_dim, index_t max_seq, index_t capacity,
+           std::vector<index_t> layer_windows = {}, index_t max_sequences = 0)
       : n_layer_(n_layer), kv_heads_(n_kv_head), head_dim_(head_dim), max_seq_(max_seq) {
     if (n_layer <= 0 || n_kv_head <= 0 || head_dim <= 0 || max_seq <= 0 || capacity <= 0)
       throw invalid_input("ctformer::infer::kv_cache: n_layer (" + std::to_string(n_layer) + "), n_kv_head (" +
@@ -123,15 +132,45 @@ class kv_cache {
     }
     layout_elements_ = layout_tokens_ * kv_heads_ * head_dim_;
     layer_elements_ = blocks_ * slot_layout_blocks_ * layout_elements_;
-    k_ = buffer<element_type>(std::size_t(n_layer_ * layer_elements_));
-    v_ = buffer<element_type>(std::size_t(n_layer_ * layer_elements_));
+    windows_ = layer_windows.empty() ? std::vector<index_t>(std::size_t(n_layer), 0) : std::move(layer_windows);
+    if (index_t(windows_.size()) != n_layer)
+      throw invalid_input("ctformer::infer::kv_cache: " + std::to_string(windows_.size()) +
+                          " layer windows for " + std::to_string(n_layer) + " layers");
+    for (index_t w : windows_) {
+      if (w < 0 || (w > 0 && window_ > 0 && w != window_))
+        throw invalid_input("ctformer::infer::kv_cache: layer windows must be 0 (global) or one positive width");
+      if (w > 0) window_ = w;
+    }
+    // Global layers first, then the windowed layers' rings, in one buffer.
+    ring_blocks_ = window_ > 0 ? (window_ + layout_tokens_ - 1) / layout_tokens_ : 0;
+    if constexpr (paged)
+      ring_pool_blocks_ = max_sequences > 0 ? std::min(blocks_, max_sequences * ring_blocks_) : blocks_;
+    else
+      ring_pool_blocks_ = blocks_ * ring_blocks_;
+    index_t offset = 0;
+    layer_offset_.resize(std::size_t(n_layer));
+    for (index_t l = 0; l < n_layer; ++l)
+      if (windows_[std::size_t(l)] == 0) {
+        layer_offset_[std::size_t(l)] = offset;
+        offset += layer_elements_;
+        ++global_layers_;
+      }
+    for (index_t l = 0; l < n_layer; ++l)
+      if (windows_[std::size_t(l)] > 0) {
+        layer_offset_[std::size_t(l)] = offset;
+        offset += ring_pool_blocks_ * layout_elements_;
+      }
+    k_ = buffer<element_type>(std::size_t(offset));
+    v_ = buffer<element_type>(std::size_t(offset));
     if constexpr (quantized) {
-      k_scale_ = buffer<float>(std::size_t(n_layer_ * layer_elements_ / head_dim_), 0.0f);
-      v_scale_ = buffer<float>(std::size_t(n_layer_ * layer_elements_ / head_dim_), 0.0f);
+      k_scale_ = buffer<float>(std::size_t(offset / head_dim_), 0.0f);
+      v_scale_ = buffer<float>(std::size_t(offset / head_dim_), 0.0f);
     }
     // Taken from the back: block 0 goes first, which keeps small tests readable.
     free_blocks_.reserve(std::size_t(blocks_));
     for (index_t b = blocks_ - 1; b >= 0; --b) free_blocks_.push_back(std::int32_t(b));
+    if constexpr (paged)
+      for (index_t b = ring_pool_blocks_ - 1; b >= 0; --b) free_ring_blocks_.push_back(std::int32_t(b));
   }
 
   kv_cache(const kv_cache&) = delete;
@@ -159,9 +198,31 @@ class kv_cache {
   /// of contiguous_layout_tokens positions.
   std::size_t bytes() const { return k_.bytes() + v_.bytes() + k_scale_.bytes() + v_scale_.bytes(); }
   /// Bytes of one block across every layer (keys, values, scales).
-  std::size_t bytes_per_block() const { return bytes() / std::size_t(blocks_); }
-  /// Bytes held by open sequences: what the live tokens cost (whole blocks).
-  std::size_t bytes_in_use() const { return std::size_t(blocks_ - free_block_count()) * bytes_per_block(); }
+  std::size_t bytes_per_block() const { return std::size_t(global_layers_) * block_bytes(slot_layout_blocks_); }
+  /// Bytes held by open sequences: what the live tokens cost (whole blocks, rings included).
+  std::size_t bytes_in_use() const {
+    const index_t rings_used = paged ? ring_pool_blocks_ - index_t(free_ring_blocks_.size())
+                                     : (blocks_ - free_block_count()) * ring_blocks_;
+    return std::size_t(blocks_ - free_block_count()) * bytes_per_block() +
+           std::size_t(rings_used) * std::size_t(n_layer_ - global_layers_) * block_bytes(1);
+  }
+
+  /// The windowed layers' width (0: every layer global).
+  index_t window() const { return window_; }
+  /// Layer l's window (0: global).
+  index_t window_of(index_t layer) const { return windows_.at(std::size_t(layer)); }
+  /// Positions a windowed layer's ring holds per sequence (0: no windowed layer).
+  index_t ring_positions() const { return ring_blocks_ * layout_tokens_; }
+  /// Blocks of the windowed layers' ring pool free (paged caches).
+  index_t free_ring_block_count() const { return index_t(free_ring_blocks_.size()); }
+  /// Positions of the sequence whose keys and values layer l still holds:
+  /// its length, or for a windowed layer at most ring_positions().
+  index_t positions_held(index_t layer, sequence_id id) const {
+    const sequence& s = at(id, "positions_held");
+    return windows_.at(std::size_t(layer)) > 0 ? std::min(s.length, ring_positions()) : s.length;
+  }
+  /// Ring blocks the sequence holds (its windowed layers' memory).
+  index_t ring_blocks_held(sequence_id id) const { return index_t(at(id, "ring_blocks_held").ring.size()); }
 
   /// Opens an empty sequence. A contiguous cache gives it a slot now (throws
   /// cache_exhausted when every slot is taken); a paged one takes blocks as
@@ -192,7 +253,11 @@ class kv_cache {
       s.layout.resize(std::size_t(slot_layout_blocks_));
       for (index_t i = 0; i < slot_layout_blocks_; ++i)
         s.layout[std::size_t(i)] = std::int32_t(index_t(s.blocks[0]) * slot_layout_blocks_ + i);
+      s.ring.clear();
+      for (index_t i = 0; i < ring_blocks_; ++i) s.ring.push_back(std::int32_t(index_t(s.blocks[0]) * ring_blocks_ + i));
+      build_ring_table(s);
     }
+    s.reserved = paged ? 0 : max_seq_;
     ++open_count_;
     return id;
   }
@@ -202,6 +267,9 @@ class kv_cache {
     sequence& s = at(id, "close_sequence");
     for (auto it = s.blocks.rbegin(); it != s.blocks.rend(); ++it) free_blocks_.push_back(*it);
     s.blocks.clear();
+    if constexpr (paged)
+      for (auto it = s.ring.rbegin(); it != s.ring.rend(); ++it) free_ring_blocks_.push_back(*it);
+    s.ring.clear();
     s.open = false;
     s.length = 0;
     free_ids_.push_back(id);
@@ -219,21 +287,26 @@ class kv_cache {
                             std::to_string(length) + " positions, more than the " +
                             std::to_string(free_block_count()) + " free blocks of " + std::to_string(block_tokens_) +
                             " positions can copy");
+    if (ring_blocks_needed_for(0, length) > free_ring_block_count() && paged)
+      throw cache_exhausted("ctformer::infer::kv_cache::fork: the windowed layers' ring pool has too few free "
+                            "blocks to copy sequence " + std::to_string(from));
     const sequence_id id = open_sequence();
     reserve(id, length);
-    const index_t scales_per_layer = layer_elements_ / head_dim_;
     for (index_t layer = 0; layer < n_layer_; ++layer) {
       const kv_view<const element_type> source = view_of(layer, sequences_[std::size_t(from)]);
       const kv_view<const element_type> target = view_of(layer, sequences_[std::size_t(id)]);
-      element_type* kl = k_.data() + layer * layer_elements_;
-      element_type* vl = v_.data() + layer * layer_elements_;
-      for (index_t pos = 0; pos < length; ++pos)
+      element_type* kl = k_.data() + layer_offset_[std::size_t(layer)];
+      element_type* vl = v_.data() + layer_offset_[std::size_t(layer)];
+      const index_t scale_base = layer_offset_[std::size_t(layer)] / head_dim_;
+      // A ring holds only the last ring_positions() positions.
+      const index_t first = windows_[std::size_t(layer)] > 0 ? std::max<index_t>(0, length - ring_positions()) : 0;
+      for (index_t pos = first; pos < length; ++pos)
         for (index_t g = 0; g < kv_heads_; ++g) {
           const index_t a = source.offset(pos, g), b = target.offset(pos, g);
           std::copy(kl + a, kl + a + head_dim_, kl + b);
           std::copy(vl + a, vl + a + head_dim_, vl + b);
           if constexpr (quantized) {
-            const index_t sa = layer * scales_per_layer + a / head_dim_, sb = layer * scales_per_layer + b / head_dim_;
+            const index_t sa = scale_base + a / head_dim_, sb = scale_base + b / head_dim_;
             k_scale_[std::size_t(sb)] = k_scale_[std::size_t(sa)];
             v_scale_[std::size_t(sb)] = v_scale_[std::size_t(sa)];
           }
@@ -255,6 +328,11 @@ class kv_cache {
   index_t blocks_needed(sequence_id id, index_t new_length) const {
     return blocks_needed_for(index_t(at(id, "blocks_needed").blocks.size()), new_length);
   }
+  /// Ring blocks reserve(id, new_length) would take from the windowed
+  /// layers' pool (paged caches; 0 for a contiguous one).
+  index_t ring_blocks_needed(sequence_id id, index_t new_length) const {
+    return ring_blocks_needed_for(index_t(at(id, "ring_blocks_needed").ring.size()), new_length);
+  }
 
   /// Gives back the blocks past the sequence's committed length (a paged
   /// cache; what a failed or abandoned reservation took).
@@ -266,13 +344,18 @@ class kv_cache {
         free_blocks_.push_back(s.blocks.back());
         s.blocks.pop_back();
       }
+      while (index_t(s.ring.size()) > std::min(keep, ring_blocks_)) {
+        free_ring_blocks_.push_back(s.ring.back());
+        s.ring.pop_back();
+      }
+      s.reserved = std::max(s.length, std::min(s.reserved, keep * block_tokens_));
     }
   }
 
   /// Positions written and committed by set_length.
   index_t length(sequence_id id) const { return at(id, "length").length; }
   /// Positions the sequence can hold without taking more blocks.
-  index_t reserved(sequence_id id) const { return index_t(at(id, "reserved").blocks.size()) * block_tokens_; }
+  index_t reserved(sequence_id id) const { return at(id, "reserved").reserved; }
   /// The blocks the sequence holds, in logical order.
   const std::vector<std::int32_t>& block_table(sequence_id id) const { return at(id, "block_table").blocks; }
 
@@ -286,8 +369,14 @@ class kv_cache {
                             std::to_string(new_length) + " positions, more than the cache's max_seq of " +
                             std::to_string(max_seq_));
     if constexpr (paged) {
-      const index_t needed = (new_length + block_tokens_ - 1) / block_tokens_ - index_t(s.blocks.size());
-      if (needed <= 0) return;
+      const index_t needed = blocks_needed_for(index_t(s.blocks.size()), new_length);
+      const index_t ring_needed = ring_blocks_needed_for(index_t(s.ring.size()), new_length);
+      if (ring_needed > free_ring_block_count())
+        throw cache_exhausted("ctformer::infer::kv_cache: sequence " + std::to_string(id) + " asks for " +
+                              std::to_string(new_length) + " positions (" + std::to_string(ring_needed) +
+                              " more ring blocks for its windowed layers), but the ring pool of " +
+                              std::to_string(ring_pool_blocks_) + " blocks has only " +
+                              std::to_string(free_ring_block_count()) + " free");
       if (needed > free_block_count())
         throw cache_exhausted("ctformer::infer::kv_cache: sequence " + std::to_string(id) + " asks for " +
                               std::to_string(new_length) + " positions (" + std::to_string(needed) +
@@ -298,16 +387,22 @@ class kv_cache {
         s.blocks.push_back(free_blocks_.back());
         free_blocks_.pop_back();
       }
+      for (index_t i = 0; i < ring_needed; ++i) {
+        s.ring.push_back(free_ring_blocks_.back());
+        free_ring_blocks_.pop_back();
+      }
+      if (ring_needed > 0) build_ring_table(s);
+      s.reserved = std::max(s.reserved, global_layers_ > 0 ? index_t(s.blocks.size()) * block_tokens_ : new_length);
     }
   }
 
   /// Commits the sequence's length (positions [0, n) hold valid keys and values).
   void set_length(sequence_id id, index_t n) {
     sequence& s = at(id, "set_length");
-    if (n < 0 || n > index_t(s.blocks.size()) * block_tokens_)
+    if (n < 0 || n > s.reserved)
       throw invalid_input("ctformer::infer::kv_cache::set_length: sequence " + std::to_string(id) +
-                          " has room for " + std::to_string(index_t(s.blocks.size()) * block_tokens_) +
-                          " positions, cannot set its length to " + std::to_string(n));
+                          " has room for " + std::to_string(s.reserved) + " positions, cannot set its length to " +
+                          std::to_string(n));
     s.length = n;
   }
 
@@ -325,19 +420,23 @@ class kv_cache {
     if (k.extent(1) != kv_heads_ || k.extent(2) != head_dim_ || (head_dim_ > 1 && (k.stride(2) != 1 || v.stride(2) != 1)))
       throw shape_error("ctformer::infer::kv_cache::write: k has shape " + shape_string(k) + ", expected (T, " +
                         std::to_string(kv_heads_) + ", " + std::to_string(head_dim_) + ") with unit stride in D");
-    const index_t room = index_t(s.blocks.size()) * block_tokens_;
+    const index_t room = s.reserved;
     if (start < 0 || start + k.extent(0) > room)
       throw invalid_input("ctformer::infer::kv_cache::write: positions [" + std::to_string(start) + ", " +
                           std::to_string(start + k.extent(0)) + ") of sequence " + std::to_string(id) +
                           " are not reserved (room for " + std::to_string(room) + ")");
+    if (windows_[std::size_t(layer)] > 0 && k.extent(0) > ring_positions())
+      throw invalid_input("ctformer::infer::kv_cache::write: " + std::to_string(k.extent(0)) +
+                          " positions at once overrun windowed layer " + std::to_string(layer) + "'s ring of " +
+                          std::to_string(ring_positions()));
     const kv_view<const element_type> layout = view_of(layer, s);
-    element_type* kl = k_.data() + layer * layer_elements_;
-    element_type* vl = v_.data() + layer * layer_elements_;
-    const index_t scales_per_layer = layer_elements_ / head_dim_;
+    element_type* kl = k_.data() + layer_offset_[std::size_t(layer)];
+    element_type* vl = v_.data() + layer_offset_[std::size_t(layer)];
+    const index_t scale_base = layer_offset_[std::size_t(layer)] / head_dim_;
     for (index_t t = 0; t < k.extent(0); ++t)
       for (index_t g = 0; g < kv_heads_; ++g) {
         const index_t at_element = layout.offset(start + t, g);
-        const index_t at_scale = layer * scales_per_layer + layout.scale_offset(start + t, g);
+        const index_t at_scale = scale_base + layout.scale_offset(start + t, g);
         store_row(&k(t, g, 0), kl + at_element, at_scale, k_scale_);
         store_row(&v(t, g, 0), vl + at_element, at_scale, v_scale_);
       }
@@ -363,33 +462,58 @@ class kv_cache {
   struct sequence {
     bool open = false;
     index_t length = 0;
-    std::vector<std::int32_t> blocks;  // physical block of each logical block (contiguous: the slot)
-    std::vector<std::int32_t> layout;  // contiguous only: the slot's layout blocks, in order
+    index_t reserved = 0;                  // positions writable now
+    std::vector<std::int32_t> blocks;      // physical block of each logical block (contiguous: the slot)
+    std::vector<std::int32_t> layout;      // contiguous only: the slot's layout blocks, in order
+    std::vector<std::int32_t> ring;        // the windowed layers' ring blocks, in order
+    std::vector<std::int32_t> ring_table;  // logical block i -> ring[i % ring_blocks_]
   };
+
+  // Every logical block of the context maps onto the ring, cyclically.
+  void build_ring_table(sequence& s) const {
+    s.ring_table.assign(std::size_t((max_seq_ + layout_tokens_ - 1) / layout_tokens_), 0);
+    if (s.ring.empty()) return;
+    for (std::size_t i = 0; i < s.ring_table.size(); ++i)
+      s.ring_table[i] = s.ring[(i % std::size_t(ring_blocks_)) % s.ring.size()];
+  }
+
+  index_t ring_blocks_needed_for(index_t held, index_t new_length) const {
+    if constexpr (!paged) return 0;
+    const index_t needed = std::min((new_length + layout_tokens_ - 1) / layout_tokens_, ring_blocks_) - held;
+    return needed > 0 ? needed : 0;
+  }
+
+  // Bytes of `blocks` layout blocks in one layer (keys, values, int8 scales).
+  std::size_t block_bytes(index_t blocks) const {
+    const std::size_t elements = std::size_t(blocks * layout_elements_);
+    return 2 * elements * sizeof(element_type) + (quantized ? 2 * elements / std::size_t(head_dim_) * sizeof(float) : 0);
+  }
 
   index_t blocks_needed_for(index_t held, index_t new_length) const {
     if constexpr (!paged) return 0;
+    if (global_layers_ == 0) return 0;  // only rings: the pool's blocks hold nothing
     const index_t needed = (new_length + block_tokens_ - 1) / block_tokens_ - held;
     return needed > 0 ? needed : 0;
   }
 
   kv_view<const element_type> view_of(index_t layer, const sequence& s) const {
     kv_view<const element_type> out;
-    out.k = k_.data() + layer * layer_elements_;
-    out.v = v_.data() + layer * layer_elements_;
+    const index_t offset = layer_offset_[std::size_t(layer)];
+    const bool windowed = windows_[std::size_t(layer)] > 0;
+    out.k = k_.data() + offset;
+    out.v = v_.data() + offset;
     if constexpr (quantized) {
-      const index_t scales_per_layer = layer_elements_ / head_dim_;
-      out.k_scale = k_scale_.data() + layer * scales_per_layer;
-      out.v_scale = v_scale_.data() + layer * scales_per_layer;
+      out.k_scale = k_scale_.data() + offset / head_dim_;
+      out.v_scale = v_scale_.data() + offset / head_dim_;
     }
-    out.block_table = paged ? s.blocks.data() : s.layout.data();
+    out.block_table = windowed ? s.ring_table.data() : paged ? s.blocks.data() : s.layout.data();
     out.block_tokens = layout_tokens_;
     out.block_stride = layout_elements_;
     out.token_stride = head_dim_;
     out.head_stride = layout_tokens_ * head_dim_;
     out.kv_heads = kv_heads_;
     out.head_dim = head_dim_;
-    out.capacity = paged ? index_t(s.blocks.size()) * block_tokens_ : max_seq_;
+    out.capacity = windowed || !paged ? s.reserved : index_t(s.blocks.size()) * block_tokens_;
     return out;
   }
 
@@ -423,9 +547,10 @@ class kv_cache {
              index_t pos, index_t g, index_t d) const {
     const kv_view<const element_type> kv = view(layer, id);
     if (pos < 0 || pos >= kv.capacity) throw invalid_input("ctformer::infer::kv_cache: position out of range");
-    const element_type e = *(data.data() + layer * layer_elements_ + kv.offset(pos, g) + d);
+    const index_t offset = layer_offset_[std::size_t(layer)];
+    const element_type e = *(data.data() + offset + kv.offset(pos, g) + d);
     if constexpr (quantized)
-      return float(e) * scales[std::size_t(layer * (layer_elements_ / head_dim_) + kv.scale_offset(pos, g))];
+      return float(e) * scales[std::size_t(offset / head_dim_ + kv.scale_offset(pos, g))];
     else
       return float(e);
   }
@@ -435,9 +560,12 @@ class kv_cache {
   // The blocks the storage is laid out in: the paged blocks themselves, or
   // slot_layout_blocks_ blocks of layout_tokens_ positions per contiguous slot.
   index_t layout_tokens_ = 0, slot_layout_blocks_ = 0, layout_elements_ = 0;
+  // Windowed layers: their width, ring blocks per sequence, the rings' pool.
+  std::vector<index_t> windows_, layer_offset_;  // per layer: window (0 global), first element in k_ / v_
+  index_t window_ = 0, ring_blocks_ = 0, ring_pool_blocks_ = 0, global_layers_ = 0;
   buffer<element_type> k_, v_;
   buffer<float> k_scale_, v_scale_;  // int8 only
-  std::vector<std::int32_t> free_blocks_;
+  std::vector<std::int32_t> free_blocks_, free_ring_blocks_;
   std::vector<sequence> sequences_;
   std::vector<sequence_id> free_ids_;
   index_t open_count_ = 0;

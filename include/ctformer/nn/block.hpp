@@ -137,6 +137,30 @@ void bind_weights(model_weights<Cfg>& weights, float* base) {
   if constexpr (config_traits<Cfg>::tie_embeddings) weights.lm_head = weights.token_embedding;
 }
 
+// --- the layer stack -------------------------------------------------------------
+
+/// Calls f(l, kind) for every layer l of Cfg in order, kind the layer's
+/// attention kind as a value (global_attention{} or sliding_window<W>{}, so
+/// decltype(kind)::window is a constant): a fold over the configuration's
+/// layer pattern with Boost.Hana, one pattern period after another. A
+/// uniform stack is one plain loop over the layers.
+template <model_config Cfg, class F>
+void for_each_layer(F&& f) {
+  namespace hana = boost::hana;
+  using traits = config_traits<Cfg>;
+  using pattern = typename traits::attention_pattern;
+  if constexpr (traits::uniform_attention) {
+    using kind = typename decltype(+hana::front(pattern::kinds))::type;
+    for (int l = 0; l < traits::n_layer; ++l) f(index_t(l), kind{});
+  } else {
+    for (int base = 0; base < traits::n_layer; base += pattern::period)
+      hana::for_each(hana::make_range(hana::int_c<0>, hana::int_c<pattern::period>), [&](auto i) {
+        using kind = typename decltype(+hana::at(pattern::kinds, i))::type;
+        if (base + i < traits::n_layer) f(index_t(base + i), kind{});
+      });
+  }
+}
+
 // --- RoPE ---------------------------------------------------------------------
 
 /// cos and sin of every (position, frequency) of Cfg's rotary embedding, as

@@ -307,15 +307,17 @@ class model {
 
     const float scale = 1.0f / std::sqrt(float(head_dim));
     const auto operand = operand_of<Compute>();
-    for (int l = 0; l < n_layer; ++l) {
+    for_each_layer<Cfg>([&](index_t l, auto kind) {
+      constexpr index_t window = decltype(kind)::window;
       const auto probs = s.probs[l];
       block::forward(exec_, params_.blocks[l], operand, s.layers[l], rope_.view(), as_const(s.positions),
                      [&](tensor_view<const float, 3> q, tensor_view<const float, 3> k, tensor_view<const float, 3> v,
                          tensor_view<float, 3> out) {
                        ops::causal_attention_forward(exec_, batch_view(q, b, t), batch_view(k, b, t),
-                                                     batch_view(v, b, t), batch_view(out, b, t), probs, scale);
+                                                     batch_view(v, b, t), batch_view(out, b, t), probs, scale,
+                                                     window);
                      });
-    }
+    });
     final_norm_forward(s);
     ops::linear(exec_, as_const(s.final_norm_out), operand(params_.lm_head), s.logits);
     if (!with_targets) return 0.0f;

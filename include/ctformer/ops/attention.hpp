@@ -23,12 +23,18 @@ void check_attention_heads(const char* operation, const Q& q, const K& k) {
 }  // namespace detail
 
 /// Causal softmax(q k^T * scale) v per head, saving the probabilities.
+/// Query i attends to keys [0, i], or with a window W > 0 to its last W
+/// keys [max(0, i - W + 1), i] (a sliding-window layer); probabilities
+/// outside are 0, so the backward needs no window of its own.
 /// q: (B, T, H, D); k, v: (B, T, KV, D) with KV dividing H (GQA; KV = 1 is MQA);
 /// out: (B, T, H, D); probs: (B, H, T, T). Unit stride in D everywhere.
 template <execution_policy P, view_of_rank<4> Q, view_of_rank<4> K, view_of_rank<4> V, view_of_rank<4> O,
           view_of_rank<4> Pr>
 void causal_attention_forward(const P& exec, const Q& q, const K& k, const V& v, const O& out, const Pr& probs,
-                              float scale) {
+                              float scale, index_t window = 0) {
+  if (window < 0)
+    throw invalid_input("ctformer::causal_attention_forward: window " + std::to_string(window) +
+                        " must be positive (or 0 for none)");
   detail::check_attention_heads("causal_attention_forward", q, k);
   require_same_shape("causal_attention_forward", "k", k, "v", v);
   require_same_shape("causal_attention_forward", "q", q, "out", out);
@@ -36,8 +42,8 @@ void causal_attention_forward(const P& exec, const Q& q, const K& k, const V& v,
       probs.extent(3) != q.extent(1))
     throw shape_error("ctformer::causal_attention_forward: probs has shape " + shape_string(probs) +
                       ", expected (B, H, T, T) for q of shape " + shape_string(q));
-  if constexpr (requires { causal_attention_forward_impl(exec, as_const(q), as_const(k), as_const(v), out, probs, scale); }) {
-    causal_attention_forward_impl(exec, as_const(q), as_const(k), as_const(v), out, probs, scale);
+  if constexpr (requires { causal_attention_forward_impl(exec, as_const(q), as_const(k), as_const(v), out, probs, scale, window); }) {
+    causal_attention_forward_impl(exec, as_const(q), as_const(k), as_const(v), out, probs, scale, window);
   } else {
     static_assert(dependent_false<P, Q>, "ctformer: causal_attention_forward has no implementation for this execution policy and these number types");
   }

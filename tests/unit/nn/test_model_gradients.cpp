@@ -40,10 +40,18 @@ struct rms_gelu_tiny {  // rms_norm, GELU, learned positions, biases
   using position = nn::learned_position;
 };
 
+struct windowed_tiny {  // a sliding window of 2 on the first layer of each pair, global the second
+  static constexpr int vocab = 11, d_model = 8, n_layer = 2, n_head = 2, n_kv_head = 1, d_ff = 8, max_seq = 6;
+  using norm = nn::rms_norm;
+  using activation = nn::swiglu;
+  using position = nn::rope;
+  using attention_pattern = nn::layer_pattern<nn::sliding_window<2>, nn::global_attention>;
+};
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("model gradients match central finite differences", "[nn][model][gradient]", gpt_tiny, llama_tiny,
-                   mqa_tiny, rms_gelu_tiny) {
+                   mqa_tiny, rms_gelu_tiny, windowed_tiny) {
   using model_type = nn::model<TestType, cpu::par_t>;
   model_type m(cpu::par.with_threads(1), 7);
   // Larger random weights than the GPT-2 initialisation so every path

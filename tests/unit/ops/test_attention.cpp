@@ -17,6 +17,7 @@ namespace {
 
 struct attention_shape {
   index_t b, t, h, kv, d;
+  index_t window = 0;  // 0: every earlier position
 };
 
 struct attention_reference {
@@ -32,7 +33,7 @@ struct indexer {
 };
 
 /// Forward and backward in double: P = softmax(scale q k^T) under the causal
-/// mask, out = P v; for dout: dv = P^T dout, dP = dout v^T,
+/// mask (and the sliding window: query i sees keys [i - window + 1, i]), out = P v; for dout: dv = P^T dout, dP = dout v^T,
 /// dS = P (dP - rowsum(P dP)), dq = scale dS k, dk = scale dS^T q (dk, dv
 /// summed over the query heads that share a kv head).
 attention_reference reference(const attention_shape& s, const std::vector<float>& q, const std::vector<float>& k,
@@ -45,16 +46,17 @@ attention_reference reference(const attention_shape& s, const std::vector<float>
     for (index_t h = 0; h < s.h; ++h) {
       const index_t g = h / group;
       for (index_t i = 0; i < s.t; ++i) {
-        std::vector<double> p(static_cast<std::size_t>(i + 1));
+        const index_t first = s.window > 0 ? std::max<index_t>(0, i - s.window + 1) : 0;
+        std::vector<double> p(static_cast<std::size_t>(i + 1), 0.0);
         double m = -1e300, z = 0;
-        for (index_t j = 0; j <= i; ++j) {
+        for (index_t j = first; j <= i; ++j) {
           double dot = 0;
           for (index_t e = 0; e < s.d; ++e) dot += double(q[at.q(b, i, h, e)]) * k[at.k(b, j, g, e)];
           p[std::size_t(j)] = dot * scale;
           m = std::max(m, p[std::size_t(j)]);
         }
-        for (auto& x : p) z += (x = std::exp(x - m));
-        for (auto& x : p) x /= z;
+        for (index_t j = first; j <= i; ++j) z += (p[std::size_t(j)] = std::exp(p[std::size_t(j)] - m));
+        for (index_t j = first; j <= i; ++j) p[std::size_t(j)] /= z;
         for (index_t j = 0; j <= i; ++j) r.probs[at.p(b, h, i, j)] = p[std::size_t(j)];
         std::vector<double> dp(static_cast<std::size_t>(i + 1));
         double row = 0;
@@ -95,8 +97,11 @@ TEMPLATE_LIST_TEST_CASE("causal attention forward and backward match a double re
   for (attention_shape s : {attention_shape{1, 5, 3, 3, 8}, attention_shape{2, 9, 4, 2, 16},
                             attention_shape{1, 70, 2, 1, 64}, attention_shape{1, 12, 2, 2, 20},
                             attention_shape{1, 32, 2, 2, 16}, attention_shape{1, 129, 2, 1, 16},
-                            attention_shape{2, 150, 4, 2, 24}}) {
-    CAPTURE(s.b, s.t, s.h, s.kv, s.d);
+                            attention_shape{2, 150, 4, 2, 24},
+                            // Sliding windows: row by row (3 of 12), blocked (5 of 70; 33 of 150, GQA).
+                            attention_shape{1, 12, 2, 2, 20, 3}, attention_shape{1, 70, 2, 1, 64, 5},
+                            attention_shape{2, 150, 4, 2, 24, 33}}) {
+    CAPTURE(s.b, s.t, s.h, s.kv, s.d, s.window);
     const float scale = 1.0f / std::sqrt(float(s.d));
     const auto q = random_floats(std::size_t(s.b * s.t * s.h * s.d), 41 + unsigned(s.t), -2.0f, 2.0f);
     const auto k = random_floats(std::size_t(s.b * s.t * s.kv * s.d), 42 + unsigned(s.t), -2.0f, 2.0f);
@@ -112,7 +117,7 @@ TEMPLATE_LIST_TEST_CASE("causal attention forward and backward match a double re
     auto dq = upload(exec, nans(q.size())), dk = upload(exec, nans(k.size())), dv = upload(exec, nans(v.size()));
     ops::causal_attention_forward(exec, as_const(qd.view(s.b, s.t, s.h, s.d)), as_const(kd.view(s.b, s.t, s.kv, s.d)),
                                   as_const(vd.view(s.b, s.t, s.kv, s.d)), out.view(s.b, s.t, s.h, s.d),
-                                  probs.view(s.b, s.h, s.t, s.t), scale);
+                                  probs.view(s.b, s.h, s.t, s.t), scale, s.window);
     ops::causal_attention_backward(exec, as_const(dod.view(s.b, s.t, s.h, s.d)), as_const(qd.view(s.b, s.t, s.h, s.d)),
                                    as_const(kd.view(s.b, s.t, s.kv, s.d)), as_const(vd.view(s.b, s.t, s.kv, s.d)),
                                    as_const(probs.view(s.b, s.h, s.t, s.t)), dq.view(s.b, s.t, s.h, s.d),

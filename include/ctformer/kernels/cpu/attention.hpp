@@ -55,15 +55,23 @@ tensor_view<T, 2> block_of(tensor_view<T, 2> x, index_t r0, index_t r1, index_t 
 /// (straight into the probability rows), the row softmax (which zeroes the
 /// columns past each row's own position), then O = P V.
 /// q, out: (T, D); k, v: (T, D); probs: (T, T); any row strides.
+/// Softmax of query row i's scores p[0, T) over keys [first, i], first =
+/// max(0, i - window + 1) (0 without a window); every other entry becomes 0.
+inline void windowed_softmax_row(float* p, index_t i, index_t t_len, float scale, index_t window) {
+  const index_t first = window > 0 ? std::max<index_t>(0, i - window + 1) : 0;
+  softmax_row(p + first, p + first, i + 1 - first, t_len - first, scale);
+  for (index_t j = 0; j < first; ++j) p[j] = 0.0f;
+}
+
 inline void attention_forward_blocked(tensor_view<const float, 2> q, tensor_view<const float, 2> k,
                                       tensor_view<const float, 2> v, tensor_view<float, 2> out,
-                                      tensor_view<float, 2> probs, float scale) {
+                                      tensor_view<float, 2> probs, float scale, index_t window) {
   const index_t t_len = q.extent(0), d = q.extent(1);
   for (index_t i0 = 0; i0 < t_len; i0 += attention_gemm_rows) {
     const index_t i1 = std::min(t_len, i0 + attention_gemm_rows);
     const tensor_view<float, 2> scores = block_of(probs, i0, i1, 0, i1);
     gemm_one_thread<float>(block_of(q, i0, i1, 0, d), block_of(k, 0, i1, 0, d).transposed(), scores, 1.0f, 0.0f);
-    for (index_t i = i0; i < i1; ++i) softmax_row(&probs(i, 0), &probs(i, 0), i + 1, t_len, scale);
+    for (index_t i = i0; i < i1; ++i) windowed_softmax_row(&probs(i, 0), i, t_len, scale, window);
     gemm_one_thread<float>(tensor_view<const float, 2>(scores), block_of(v, 0, i1, 0, d), block_of(out, i0, i1, 0, d),
                            1.0f, 0.0f);
   }
@@ -127,7 +135,8 @@ tensor_view<T, 2> head_probabilities(tensor_view<T, 4> probs, index_t b, index_t
 /// below, query row by query row.
 inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const float, 4> q,
                                           tensor_view<const float, 4> k, tensor_view<const float, 4> v,
-                                          tensor_view<float, 4> out, tensor_view<float, 4> probs, float scale) {
+                                          tensor_view<float, 4> out, tensor_view<float, 4> probs, float scale,
+                                          index_t window) {
   const index_t batch = q.extent(0), t_len = q.extent(1), heads = q.extent(2), d = q.extent(3);
   const index_t group = heads / k.extent(2);
   if (t_len >= detail::attention_gemm_min_tokens) {
@@ -135,7 +144,7 @@ inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const f
       const index_t b = bh / heads, h = bh % heads, g = h / group;
       detail::attention_forward_blocked(detail::head_matrix(q, b, h), detail::head_matrix(k, b, g),
                                         detail::head_matrix(v, b, g), detail::head_matrix(out, b, h),
-                                        detail::head_probabilities(probs, b, h), scale);
+                                        detail::head_probabilities(probs, b, h), scale, window);
     });
     return;
   }
@@ -150,7 +159,7 @@ inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const f
       // Scores in whole groups of 8: the keys past i exist (up to T) and
       // cost less than single dot products; softmax_row then zeroes them.
       detail::dot_rows(&q(b, i, h, 0), key_rows, detail::whole_eights(n, t_len), d, p);
-      detail::softmax_row(p, p, n, t_len, scale);
+      detail::windowed_softmax_row(p, i, t_len, scale, window);
       float* oi = &out(b, i, h, 0);
       for (index_t c = 0; c < d; ++c) oi[c] = 0.0f;
       detail::accumulate_rows(p, value_rows, n, d, oi);

@@ -20,18 +20,20 @@ namespace detail {
 inline constexpr int attention_block = 128;  // 4 warps: 4 query rows per block
 
 // q: (B, T, H, D); k, v: (B, T, KV, D); out: (B, T, H, D); probs: (B, H, T, T).
+// Query i attends to keys [first, i], first = max(0, i - window + 1) (0 without a window).
 template <class T = float>
 __global__ void attention_forward_kernel(tensor_view<const T, 4> q, tensor_view<const T, 4> k,
                                          tensor_view<const T, 4> v, tensor_view<T, 4> out, tensor_view<T, 4> probs,
-                                         float scale, index_t group) {
+                                         float scale, index_t group, index_t window) {
   const index_t batch = q.extent(0), t_len = q.extent(1), heads = q.extent(2), d = q.extent(3);
   const index_t row = index_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= batch * heads * t_len) return;
   const index_t i = row % t_len, h = (row / t_len) % heads, b = row / (t_len * heads), g = h / group;
+  const index_t first = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
 
   float maximum = -::cuda::std::numeric_limits<float>::infinity();
-  for (index_t j = lane; j <= i; j += 32) {
+  for (index_t j = first + lane; j <= i; j += 32) {
     float score = 0.0f;
     for (index_t c = 0; c < d; ++c) score += q(b, i, h, c) * k(b, j, g, c);
     score *= scale;
@@ -40,19 +42,20 @@ __global__ void attention_forward_kernel(tensor_view<const T, 4> q, tensor_view<
   }
   maximum = warp_max(maximum);
   float sum = 0.0f;
-  for (index_t j = lane; j <= i; j += 32) {
+  for (index_t j = first + lane; j <= i; j += 32) {
     const float e = expf(probs(b, h, i, j) - maximum);
     probs(b, h, i, j) = e;
     sum += e;
   }
   sum = warp_sum(sum);
   const float inverse = 1.0f / sum;
-  for (index_t j = lane; j <= i; j += 32) probs(b, h, i, j) *= inverse;
+  for (index_t j = first + lane; j <= i; j += 32) probs(b, h, i, j) *= inverse;
+  for (index_t j = lane; j < first; j += 32) probs(b, h, i, j) = 0.0f;
   for (index_t j = i + 1 + lane; j < t_len; j += 32) probs(b, h, i, j) = 0.0f;
   __syncwarp();  // every lane's probabilities are visible to the whole warp
   for (index_t c = lane; c < d; c += 32) {
     float acc = 0.0f;
-    for (index_t j = 0; j <= i; ++j) acc += probs(b, h, i, j) * v(b, j, g, c);
+    for (index_t j = first; j <= i; ++j) acc += probs(b, h, i, j) * v(b, j, g, c);
     out(b, i, h, c) = acc;
   }
 }
@@ -153,13 +156,14 @@ inline unsigned warp_rows_grid(index_t rows, int block) {
 // q: (B, T, H, D); k, v: (B, T, KV, D); out: (B, T, H, D); probs: (B, H, T, T)
 inline void causal_attention_forward_impl(const par_t& exec, tensor_view<const float, 4> q,
                                           tensor_view<const float, 4> k, tensor_view<const float, 4> v,
-                                          tensor_view<float, 4> out, tensor_view<float, 4> probs, float scale) {
+                                          tensor_view<float, 4> out, tensor_view<float, 4> probs, float scale,
+                                          index_t window) {
   const index_t rows = q.extent(0) * q.extent(2) * q.extent(1);
   if (rows == 0) return;
   const index_t group = q.extent(2) / k.extent(2);
   detail::attention_forward_kernel<float><<<detail::warp_rows_grid(rows, detail::attention_block),
                                             detail::attention_block, 0, exec.stream>>>(q, k, v, out, probs, scale,
-                                                                                        group);
+                                                                                        group, window);
   CTFORMER_CUDA_CHECK_LAUNCH();
 }
 
