@@ -27,6 +27,12 @@ What each side runs:
   against bench_decode's decode at context 1024, where the cache's reads
   are a quarter (q8_0) to a third (q4_0) of each token's bytes.
 
+- With --batched, batched decode instead: llama-batched-bench -npp 64 -ntg
+  128 -npl 1,4,16,64 (N sequences each prefill 64 tokens, then decode 128
+  steps together: contexts 64 to 192, 128 on average; S_TG, the aggregate
+  generation tokens/s) against bench_batched_decode's aggregate decode
+  tokens/s of N sequences at context 128 (a paged bf16 cache).
+
 Needs numpy and gguf (pip install numpy gguf).
 """
 import argparse
@@ -148,9 +154,57 @@ def ctformer(bench, fmt, threads, long_context=False):
     return prefill, decode, next(r["tok/s"] for r in rows if "long_context:1" in r["name"])
 
 
+def llama_cpp_batched(llama_bin, model, threads, sequences):
+    """{N: aggregate generation tok/s (S_TG)} from llama-batched-bench, N parallel sequences."""
+    context = max(sequences) * (64 + 128)
+    run = subprocess.run([os.path.join(llama_bin, "llama-batched-bench"), "-m", model, "-t", str(threads),
+                          "-tb", str(threads), "-c", str(context), "-b", "2048", "-ub", "512", "-fa", "off",
+                          "-npp", "64", "-ntg", "128", "-npl", ",".join(str(n) for n in sequences),
+                          "--output-format", "jsonl"], capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return {r["pl"]: r["speed_tg"] for r in rows}
+
+
+def ctformer_batched(bench, fmt, threads, sequences):
+    """({N: aggregate decode tok/s at context 128}, prefill 512 tok/s) from bench_batched_decode."""
+    tag = FORMATS[fmt][1]
+    pattern = (f"bm_(prefill<{tag}>/threads:{threads}/|batched_decode<{tag}>/sequences:"
+               f"({'|'.join(str(n) for n in sequences)})/context:128/threads:{threads}/)")
+    run = subprocess.run([bench, "--benchmark_format=json", f"--benchmark_filter={pattern}"],
+                         capture_output=True, text=True, check=True)
+    rows = json.loads(run.stdout[run.stdout.index("{"):])["benchmarks"]
+    prefill = next(r["tok/s"] for r in rows if r["name"].startswith("bm_prefill"))
+    decode = {int(r["sequences"]): r["tok/s"] for r in rows if r["name"].startswith("bm_batched_decode")}
+    return decode, prefill
+
+
+def batched(args, files):
+    sequences = [1, 4, 16, 64]
+    bench = args.bench if "batched" in args.bench else os.path.join(os.path.dirname(args.bench), "bench_batched_decode")
+    print(f"{'weights':7} {'thr':>3} {'seqs':>4} | {'S_TG llama.cpp':>14} {'ctformer':>9} {'ratio':>6} |"
+          f" {'ctformer prefill 512':>20} {'decode/prefill':>14}", flush=True)
+    for fmt in args.formats.split(","):
+        for threads in (int(t) for t in args.threads.split(",")):
+            theirs, ours, prefills = [], [], []
+            for _ in range(args.rounds):
+                theirs.append(llama_cpp_batched(args.llama_cpp, files[fmt], threads, sequences))
+                decode, prefill = ctformer_batched(bench, fmt, threads, sequences)
+                ours.append(decode)
+                prefills.append(prefill)
+            prefill = statistics.median(prefills)
+            for n in sequences:
+                lm = statistics.median(t[n] for t in theirs)
+                cm = statistics.median(o[n] for o in ours)
+                print(f"{fmt:7} {threads:3d} {n:4d} | {lm:14.1f} {cm:9.1f} {cm / lm:6.2f} | {prefill:20.1f}"
+                      f" {cm / prefill:14.2f}", flush=True)
+            rounds = "; ".join(" ".join(f"{n}:{t[n]:.0f}/{o[n]:.0f}" for n in sequences) for t, o in zip(theirs, ours))
+            print(f"{'':16} rounds (sequences: llama.cpp/ctformer): {rounds}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--llama-cpp", required=True, help="directory holding llama-bench and llama-quantize")
+    parser.add_argument("--llama-cpp", required=True,
+                        help="directory holding llama-bench, llama-batched-bench and llama-quantize")
     parser.add_argument("--bench", default="build/bench/bench_decode")
     parser.add_argument("--models", default="/tmp/ctformer_llama_cpp_models", help="where the GGUF files go")
     parser.add_argument("--formats", default="fp32,q8_0,q4_0")
@@ -159,8 +213,13 @@ def main():
     parser.add_argument("--repetitions", type=int, default=3, help="llama-bench -r")
     parser.add_argument("--long-context", action="store_true",
                         help="also decode at context 1024 (llama-bench -d 960 -n 128)")
+    parser.add_argument("--batched", action="store_true",
+                        help="batched decode: llama-batched-bench against bench_batched_decode")
     args = parser.parse_args()
     files = model_files(args.llama_cpp, args.models)
+    if args.batched:
+        batched(args, files)
+        return
     print(f"{'weights':7} {'thr':>3} | {'prefill 512 tok/s: llama.cpp':>28} {'ctformer':>9} {'ratio':>6} |"
           f" {'decode tok/s: llama.cpp':>23} {'ctformer':>9} {'ratio':>6}" +
           (f" | {'decode ctx 1024: llama.cpp':>26} {'ctformer':>9} {'ratio':>6}" if args.long_context else ""),
