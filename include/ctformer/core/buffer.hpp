@@ -31,9 +31,8 @@ concept memory_space = requires(std::size_t bytes, void* p) {
 /// are aligned to 2 MiB and, on Linux, asked to be backed by transparent huge
 /// pages: decode streams hundreds of MB per token, and with 4 KiB pages every
 /// page is a TLB miss and a restart of the hardware prefetcher's stream
-/// (which stops at page boundaries). bench_page_size reads 76 MB both ways:
-/// on our Zen 3, 13.7 -> 16.6 GB/s on 1 thread, 18.6 -> 32.7 on 2. The advice is
-/// a hint: where huge pages are off (or in "never" mode), the buffer is the
+/// (which stops at page boundaries); bench_page_size measures the two
+/// (figures in docs/performance.md). The advice is a hint: where huge pages are off (or in "never" mode), the buffer is the
 /// same memory with 4 KiB pages. Smaller buffers are not padded to 2 MiB
 /// (that would waste up to half their size); a model keeps its weight
 /// matrices in one arena for this reason (infer::inference_model).
