@@ -53,11 +53,12 @@ std::span<const float> row(const std::vector<float>& rows, std::size_t r, index_
 // the bits it gets alone whatever else is in the call, so the differences
 // are the linear layers':
 // - interleaved q4_0 / q8_0: the int8 GEMM gives each row the GEMV's bits: exact.
-// - fp32 (and bf16 weights where the build has no native bf16 GEMM): the
-//   blocked GEMM over the batch's rows where a lone decode row runs the
-//   GEMV: the same products summed in another order, a few ulp per dot
-//   product, observed up to 1.1e-6 of the row's largest logit after two
-//   layers; bound 2e-6 of it.
+// - fp32: up to cpu::linear_gemv_max_rows rows per call, every row gets the
+//   GEMV's bits (exact); past that (the first batch here has 34 rows), and
+//   for bf16 weights where the build has no native bf16 GEMM, the blocked
+//   GEMM where a lone decode row runs the GEMV: the same products summed in
+//   another order, a few ulp per dot product, observed up to 1.1e-6 of the
+//   row's largest logit after two layers; bound 2e-6 of it.
 // - bf16 weights with a native bf16 GEMM: a call of 16 rows or more rounds
 //   its activations to bf16 (one 2^-9 relative rounding per linear input),
 //   a lone decode row keeps them fp32; as against fp32 weights, 1% RMS.
