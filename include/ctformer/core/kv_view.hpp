@@ -23,7 +23,12 @@ namespace ctformer {
 ///
 /// For int8 elements, `k_scale` / `v_scale` hold one fp32 scale per (token,
 /// kv head) in the same block layout with every stride divided by head_dim
-/// (value = scale * int8); they are null for fp32 and bf16.
+/// (value = scale * int8); they are null for fp32 and bf16. The scales are
+/// writable exactly when the elements are (a view for writing the cache).
+///
+/// The pointers, block_table included, are in the memory of the policy the
+/// cache runs on: device memory for a CUDA cache, so offset() is callable
+/// on the device and the host reads such a view's fields, never its pointees.
 /// @tparam Element float, bf16 or std::int8_t (const-qualified for reading)
 template <class Element>
 struct kv_view {
@@ -33,10 +38,12 @@ struct kv_view {
                     std::is_same_v<value_type, std::int8_t>,
                 "ctformer: a KV cache holds float, bf16 or std::int8_t elements");
 
+  using scale_type = std::conditional_t<std::is_const_v<Element>, const float, float>;
+
   Element* k = nullptr;                       ///< keys: the layer's block 0
   Element* v = nullptr;                       ///< values: same layout as k
-  const float* k_scale = nullptr;             ///< int8 only: (block, token, kv head)
-  const float* v_scale = nullptr;             ///< int8 only
+  scale_type* k_scale = nullptr;              ///< int8 only: (block, token, kv head)
+  scale_type* v_scale = nullptr;              ///< int8 only
   const std::int32_t* block_table = nullptr;  ///< physical block of each logical block
   index_t block_tokens = 0;                   ///< positions per block
   index_t block_stride = 0;                   ///< elements between physical blocks
@@ -47,13 +54,13 @@ struct kv_view {
   index_t capacity = 0;  ///< positions the block table covers (readable: [0, capacity))
 
   /// Offset (in elements) of position pos, kv head g, from k / v.
-  index_t offset(index_t pos, index_t g) const {
+  CTFORMER_HOST_DEVICE index_t offset(index_t pos, index_t g) const {
     return index_t(block_table[pos / block_tokens]) * block_stride + (pos % block_tokens) * token_stride +
            g * head_stride;
   }
   /// Index of the scale of position pos, kv head g (int8 only).
   /// (Every stride is a multiple of head_dim: one scale per head_dim elements.)
-  index_t scale_offset(index_t pos, index_t g) const { return offset(pos, g) / head_dim; }
+  CTFORMER_HOST_DEVICE index_t scale_offset(index_t pos, index_t g) const { return offset(pos, g) / head_dim; }
 };
 
 /// The rows of one sequence in a batched cached-attention call: query rows

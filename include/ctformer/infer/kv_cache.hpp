@@ -1,7 +1,8 @@
-// infer::kv_cache<Policy>: the keys and values of every layer for a set of
-// sequences, under the policies kv::contiguous (a max_seq slot per sequence)
-// and kv::paged<BlockTokens> (blocks from a shared pool, a block table per
-// sequence), each with fp32, bf16 or int8 (per token, per kv head scale) elements.
+// infer::kv_cache<Policy, Exec>: the keys and values of every layer for a set
+// of sequences, under the policies kv::contiguous (a max_seq slot per
+// sequence) and kv::paged<BlockTokens> (blocks from a shared pool, a block
+// table per sequence), each with fp32, bf16 or int8 (per token, per kv head
+// scale) elements, in the memory of an execution policy (cpu::par, cuda::par).
 #pragma once
 
 #include <algorithm>
@@ -16,6 +17,8 @@
 #include "ctformer/core/kv_view.hpp"
 #include "ctformer/core/number_types.hpp"
 #include "ctformer/core/tensor_view.hpp"
+#include "ctformer/exec/exec.hpp"
+#include "ctformer/ops/ops.hpp"
 
 namespace ctformer::infer {
 
@@ -87,8 +90,18 @@ class cache_exhausted : public error {
 /// contiguous cache is one segment of one block.
 /// Growing a sequence is reserve() (takes blocks) then write() of the new
 /// positions' rows then set_length(); kernels read it through view().
+///
+/// On a device policy (cuda::par) the keys, values and scales live in device
+/// memory and the bookkeeping (block lists, lengths, free lists, ring
+/// tables) stays on the host; each sequence slot has a device copy of its
+/// block table and ring table, uploaded on the policy's stream whenever
+/// open_sequence or reserve changes them, so the views handed to kernels
+/// point to device memory only. write() and fork() run on the policy
+/// (ops::kv_cache_write, ops::kv_cache_copy), queued on its stream: run the
+/// model on the same stream (inference_model::make_cache does).
 /// @tparam Policy kv::contiguous<E> or kv::paged<BlockTokens, E>
-template <class Policy>
+/// @tparam Exec the execution policy whose memory holds the cache (cpu::par_t)
+template <class Policy, execution_policy Exec = cpu::par_t>
 class kv_cache {
   static_assert(kv_policy<Policy>,
                 "ctformer: kv_cache takes kv::contiguous<E> or kv::paged<BlockTokens, E>, with E float, bf16 or "
@@ -96,9 +109,13 @@ class kv_cache {
 
  public:
   using policy = Policy;
+  using exec_type = Exec;
   using element_type = typename Policy::element_type;
   static constexpr bool paged = kv::is_paged<Policy>;
   static constexpr bool quantized = std::is_same_v<element_type, std::int8_t>;
+  /// Whether the storage is memory the host cannot read (a device's): then
+  /// the block tables kernels read are device copies.
+  static constexpr bool device_memory = !Exec::memory_space::host_accessible;
 
   /// @param capacity contiguous: the number of sequence slots; paged: the
   ///   positions in the pool (rounded up to whole blocks).
@@ -110,10 +127,11 @@ class kv_cache {
   /// @param max_sequences paged caches with windowed layers: the most
   ///   sequences open at once, which sizes the rings' pool (0: as many as
   ///   the pool has blocks).
+  /// @param exec the policy whose memory and stream the cache uses
   /// Throws invalid_input for a non-positive dimension or bad windows.
   kv_cache(index_t n_layer, index_t n_kv_head, index_t head_dim, index_t max_seq, index_t capacity,
-           std::vector<index_t> layer_windows = {}, index_t max_sequences = 0)
-      : n_layer_(n_layer), kv_heads_(n_kv_head), head_dim_(head_dim), max_seq_(max_seq) {
+           std::vector<index_t> layer_windows = {}, index_t max_sequences = 0, Exec exec = Exec{})
+      : exec_(exec), n_layer_(n_layer), kv_heads_(n_kv_head), head_dim_(head_dim), max_seq_(max_seq) {
     if (n_layer <= 0 || n_kv_head <= 0 || head_dim <= 0 || max_seq <= 0 || capacity <= 0)
       throw invalid_input("ctformer::infer::kv_cache: n_layer (" + std::to_string(n_layer) + "), n_kv_head (" +
                           std::to_string(n_kv_head) + "), head_dim (" + std::to_string(head_dim) + "), max_seq (" +
@@ -160,12 +178,14 @@ class kv_cache {
         layer_offset_[std::size_t(l)] = offset;
         offset += ring_pool_blocks_ * layout_elements_;
       }
-    k_ = buffer<element_type>(std::size_t(offset));
-    v_ = buffer<element_type>(std::size_t(offset));
+    k_ = buffer_for<element_type, Exec>(std::size_t(offset));
+    v_ = buffer_for<element_type, Exec>(std::size_t(offset));
     if constexpr (quantized) {
-      k_scale_ = buffer<float>(std::size_t(offset / head_dim_), 0.0f);
-      v_scale_ = buffer<float>(std::size_t(offset / head_dim_), 0.0f);
+      k_scale_ = zeroed_floats(offset / head_dim_);
+      v_scale_ = zeroed_floats(offset / head_dim_);
     }
+    table_entries_ = paged ? (max_seq + block_tokens_ - 1) / block_tokens_ : slot_layout_blocks_;
+    ring_entries_ = window_ > 0 ? (max_seq + layout_tokens_ - 1) / layout_tokens_ : 0;
     // Taken from the back: block 0 goes first, which keeps small tests readable.
     free_blocks_.reserve(std::size_t(blocks_));
     for (index_t b = blocks_ - 1; b >= 0; --b) free_blocks_.push_back(std::int32_t(b));
@@ -178,6 +198,8 @@ class kv_cache {
   kv_cache(kv_cache&&) = default;
   kv_cache& operator=(kv_cache&&) = default;
 
+  /// The policy (and, on CUDA, the stream) the cache's copies and writes run on.
+  const Exec& exec() const { return exec_; }
   index_t n_layer() const { return n_layer_; }
   index_t n_kv_head() const { return kv_heads_; }
   index_t head_dim() const { return head_dim_; }
@@ -236,6 +258,9 @@ class kv_cache {
       id = sequence_id(sequences_.size());
       sequences_.emplace_back();
       sequences_.back().blocks.reserve(std::size_t((max_seq_ + block_tokens_ - 1) / block_tokens_));
+      // Once per slot, never per step: the slot keeps it when the sequence closes.
+      if constexpr (device_memory)
+        sequences_.back().device_table = buffer_for<std::int32_t, Exec>(std::size_t(table_entries_ + ring_entries_));
     }
     sequence& s = sequences_[std::size_t(id)];
     s.open = true;
@@ -256,6 +281,7 @@ class kv_cache {
       s.ring.clear();
       for (index_t i = 0; i < ring_blocks_; ++i) s.ring.push_back(std::int32_t(index_t(s.blocks[0]) * ring_blocks_ + i));
       build_ring_table(s);
+      upload_tables(s);
     }
     s.reserved = paged ? 0 : max_seq_;
     ++open_count_;
@@ -293,24 +319,10 @@ class kv_cache {
     const sequence_id id = open_sequence();
     reserve(id, length);
     for (index_t layer = 0; layer < n_layer_; ++layer) {
-      const kv_view<const element_type> source = view_of(layer, sequences_[std::size_t(from)]);
-      const kv_view<const element_type> target = view_of(layer, sequences_[std::size_t(id)]);
-      element_type* kl = k_.data() + layer_offset_[std::size_t(layer)];
-      element_type* vl = v_.data() + layer_offset_[std::size_t(layer)];
-      const index_t scale_base = layer_offset_[std::size_t(layer)] / head_dim_;
       // A ring holds only the last ring_positions() positions.
       const index_t first = windows_[std::size_t(layer)] > 0 ? std::max<index_t>(0, length - ring_positions()) : 0;
-      for (index_t pos = first; pos < length; ++pos)
-        for (index_t g = 0; g < kv_heads_; ++g) {
-          const index_t a = source.offset(pos, g), b = target.offset(pos, g);
-          std::copy(kl + a, kl + a + head_dim_, kl + b);
-          std::copy(vl + a, vl + a + head_dim_, vl + b);
-          if constexpr (quantized) {
-            const index_t sa = scale_base + a / head_dim_, sb = scale_base + b / head_dim_;
-            k_scale_[std::size_t(sb)] = k_scale_[std::size_t(sa)];
-            v_scale_[std::size_t(sb)] = v_scale_[std::size_t(sa)];
-          }
-        }
+      ops::kv_cache_copy(exec_, view_of(layer, sequences_[std::size_t(from)], false),
+                         writable_view_of(layer, sequences_[std::size_t(id)]), first, length);
     }
     sequences_[std::size_t(id)].length = length;
     return id;
@@ -392,6 +404,7 @@ class kv_cache {
         free_ring_blocks_.pop_back();
       }
       if (ring_needed > 0) build_ring_table(s);
+      if (needed > 0 || ring_needed > 0) upload_tables(s);
       s.reserved = std::max(s.reserved, global_layers_ > 0 ? index_t(s.blocks.size()) * block_tokens_ : new_length);
     }
   }
@@ -408,8 +421,9 @@ class kv_cache {
 
   /// Stores the keys and values of positions [start, start + T) of a sequence
   /// in one layer, converting to the cache's element type (int8: one scale
-  /// max|row| / 127 per position per kv head, round to nearest).
-  /// k, v: (T, KV, D), unit stride in D. The positions must be reserved.
+  /// max|row| / 127 per position per kv head, round to nearest), through
+  /// ops::kv_cache_write on the cache's policy.
+  /// k, v: (T, KV, D) in the policy's memory, unit stride in D. The positions must be reserved.
   void write(index_t layer, sequence_id id, index_t start, tensor_view<const float, 3> k,
              tensor_view<const float, 3> v) {
     const sequence& s = at(id, "write");
@@ -429,32 +443,24 @@ class kv_cache {
       throw invalid_input("ctformer::infer::kv_cache::write: " + std::to_string(k.extent(0)) +
                           " positions at once overrun windowed layer " + std::to_string(layer) + "'s ring of " +
                           std::to_string(ring_positions()));
-    const kv_view<const element_type> layout = view_of(layer, s);
-    element_type* kl = k_.data() + layer_offset_[std::size_t(layer)];
-    element_type* vl = v_.data() + layer_offset_[std::size_t(layer)];
-    const index_t scale_base = layer_offset_[std::size_t(layer)] / head_dim_;
-    for (index_t t = 0; t < k.extent(0); ++t)
-      for (index_t g = 0; g < kv_heads_; ++g) {
-        const index_t at_element = layout.offset(start + t, g);
-        const index_t at_scale = scale_base + layout.scale_offset(start + t, g);
-        store_row(&k(t, g, 0), kl + at_element, at_scale, k_scale_);
-        store_row(&v(t, g, 0), vl + at_element, at_scale, v_scale_);
-      }
+    ops::kv_cache_write(exec_, writable_view_of(layer, s), start, k, v);
   }
 
   /// The layout of one sequence in one layer, for the attention kernels:
-  /// readable positions [0, reserved(id)). Throws invalid_input for a layer
-  /// outside [0, n_layer) or a sequence that is not open.
+  /// readable positions [0, reserved(id)); on a device policy every pointer
+  /// in it (the block table too) is device memory. Throws invalid_input for
+  /// a layer outside [0, n_layer) or a sequence that is not open.
   kv_view<const element_type> view(index_t layer, sequence_id id) const {
     const sequence& s = at(id, "view");
     if (layer < 0 || layer >= n_layer_)
       throw invalid_input("ctformer::infer::kv_cache::view: layer " + std::to_string(layer) + " is outside [0, " +
                           std::to_string(n_layer_) + ")");
-    return view_of(layer, s);
+    return view_of(layer, s, false);
   }
 
   /// Key (or value) element of (layer, sequence, position, kv head, d) as
-  /// float, dequantized: for tests and debugging.
+  /// float, dequantized: for tests and debugging (on a device policy, one
+  /// element copied to the host, the stream synchronised).
   float key(index_t layer, sequence_id id, index_t pos, index_t g, index_t d) const { return read(k_, k_scale_, layer, id, pos, g, d); }
   float value(index_t layer, sequence_id id, index_t pos, index_t g, index_t d) const { return read(v_, v_scale_, layer, id, pos, g, d); }
 
@@ -467,7 +473,38 @@ class kv_cache {
     std::vector<std::int32_t> layout;      // contiguous only: the slot's layout blocks, in order
     std::vector<std::int32_t> ring;        // the windowed layers' ring blocks, in order
     std::vector<std::int32_t> ring_table;  // logical block i -> ring[i % ring_blocks_]
+    // Device policies: the table kernels read (blocks or layout), then the ring table.
+    buffer_for<std::int32_t, Exec> device_table;
   };
+
+  buffer_for<float, Exec> zeroed_floats(index_t n) const {
+    if constexpr (device_memory) {
+      buffer_for<float, Exec> out{std::size_t(n)};
+      ops::fill(exec_, tensor_view<float, 1>(out.data(), {n}), 0.0f);
+      return out;
+    } else {
+      return buffer<float>(std::size_t(n), 0.0f);
+    }
+  }
+
+  // Mirrors the sequence's host tables to its device copy (stream-ordered:
+  // kernels queued before see the old table, kernels after the new one; from
+  // pageable memory the copy returns once the host vectors are staged).
+  void upload_tables(sequence& s) {
+    if constexpr (device_memory) {
+      const std::vector<std::int32_t>& table = paged ? s.blocks : s.layout;
+      const index_t n = index_t(table.size());
+      if (n > 0)
+        ops::copy(exec_, tensor_view<const std::int32_t, 1>(table.data(), {n}),
+                  tensor_view<std::int32_t, 1>(s.device_table.data(), {n}));
+      const index_t r = index_t(s.ring_table.size());
+      if (ring_entries_ > 0 && r > 0)
+        ops::copy(exec_, tensor_view<const std::int32_t, 1>(s.ring_table.data(), {r}),
+                  tensor_view<std::int32_t, 1>(s.device_table.data() + table_entries_, {r}));
+    } else {
+      (void)s;
+    }
+  }
 
   // Every logical block of the context maps onto the ring, cyclically.
   void build_ring_table(sequence& s) const {
@@ -496,17 +533,42 @@ class kv_cache {
     return needed > 0 ? needed : 0;
   }
 
-  kv_view<const element_type> view_of(index_t layer, const sequence& s) const {
+  // The layout of one sequence in one layer. host_tables: its block table is
+  // the host's vector (for offsets the host computes itself), else the one
+  // kernels read (the device copy on a device policy).
+  kv_view<const element_type> view_of(index_t layer, const sequence& s, bool host_tables) const {
     kv_view<const element_type> out;
     const index_t offset = layer_offset_[std::size_t(layer)];
-    const bool windowed = windows_[std::size_t(layer)] > 0;
     out.k = k_.data() + offset;
     out.v = v_.data() + offset;
     if constexpr (quantized) {
       out.k_scale = k_scale_.data() + offset / head_dim_;
       out.v_scale = v_scale_.data() + offset / head_dim_;
     }
-    out.block_table = windowed ? s.ring_table.data() : paged ? s.blocks.data() : s.layout.data();
+    describe(out, layer, s, host_tables || !device_memory);
+    return out;
+  }
+  // The layout kernels write through (block table as view_of's for kernels).
+  kv_view<element_type> writable_view_of(index_t layer, const sequence& s) {
+    kv_view<element_type> out;
+    const index_t offset = layer_offset_[std::size_t(layer)];
+    out.k = k_.data() + offset;
+    out.v = v_.data() + offset;
+    if constexpr (quantized) {
+      out.k_scale = k_scale_.data() + offset / head_dim_;
+      out.v_scale = v_scale_.data() + offset / head_dim_;
+    }
+    describe(out, layer, s, !device_memory);
+    return out;
+  }
+  // Everything of a layout but its element pointers.
+  template <class View>
+  void describe(View& out, index_t layer, const sequence& s, bool host_tables) const {
+    const bool windowed = windows_[std::size_t(layer)] > 0;
+    if (host_tables)
+      out.block_table = windowed ? s.ring_table.data() : paged ? s.blocks.data() : s.layout.data();
+    else
+      out.block_table = s.device_table.data() + (windowed ? table_entries_ : 0);
     out.block_tokens = layout_tokens_;
     out.block_stride = layout_elements_;
     out.token_stride = head_dim_;
@@ -514,7 +576,6 @@ class kv_cache {
     out.kv_heads = kv_heads_;
     out.head_dim = head_dim_;
     out.capacity = windowed || !paged ? s.reserved : index_t(s.blocks.size()) * block_tokens_;
-    return out;
   }
 
   const sequence& at(sequence_id id, const char* what) const {
@@ -527,34 +588,33 @@ class kv_cache {
     return const_cast<sequence&>(static_cast<const kv_cache&>(*this).at(id, what));
   }
 
-  void store_row(const float* x, element_type* dst, index_t scale_index, buffer<float>& scales) {
-    if constexpr (std::is_same_v<element_type, float>) {
-      for (index_t i = 0; i < head_dim_; ++i) dst[i] = x[i];
-    } else if constexpr (std::is_same_v<element_type, bf16>) {
-      for (index_t i = 0; i < head_dim_; ++i) dst[i] = bf16(x[i]);
-    } else {
-      float amax = 0.0f;
-      for (index_t i = 0; i < head_dim_; ++i) amax = std::max(amax, std::fabs(x[i]));
-      const float scale = amax / 127.0f;
-      const float inverse = amax > 0.0f ? 127.0f / amax : 0.0f;
-      for (index_t i = 0; i < head_dim_; ++i)
-        dst[i] = std::int8_t(std::clamp(int(std::nearbyint(x[i] * inverse)), -127, 127));
-      scales[std::size_t(scale_index)] = scale;
-    }
-  }
-
-  float read(const buffer<element_type>& data, const buffer<float>& scales, index_t layer, sequence_id id,
-             index_t pos, index_t g, index_t d) const {
-    const kv_view<const element_type> kv = view(layer, id);
+  float read(const buffer_for<element_type, Exec>& data, const buffer_for<float, Exec>& scales, index_t layer,
+             sequence_id id, index_t pos, index_t g, index_t d) const {
+    view(layer, id);  // checks the layer and the sequence
+    const kv_view<const element_type> kv = view_of(layer, sequences_[std::size_t(id)], true);
     if (pos < 0 || pos >= kv.capacity) throw invalid_input("ctformer::infer::kv_cache: position out of range");
+    if (g < 0 || g >= kv_heads_ || d < 0 || d >= head_dim_)
+      throw invalid_input("ctformer::infer::kv_cache: kv head or channel out of range");
     const index_t offset = layer_offset_[std::size_t(layer)];
-    const element_type e = *(data.data() + offset + kv.offset(pos, g) + d);
+    const index_t at = offset + kv.offset(pos, g) + d, at_scale = offset / head_dim_ + kv.scale_offset(pos, g);
+    element_type e{};
+    float scale = 1.0f;
+    if constexpr (device_memory) {
+      ops::copy(exec_, tensor_view<const element_type, 1>(data.data() + at, {1}), tensor_view<element_type, 1>(&e, {1}));
+      if constexpr (quantized)
+        ops::copy(exec_, tensor_view<const float, 1>(scales.data() + at_scale, {1}), tensor_view<float, 1>(&scale, {1}));
+      exec_.synchronize();
+    } else {
+      e = data[std::size_t(at)];
+      if constexpr (quantized) scale = scales[std::size_t(at_scale)];
+    }
     if constexpr (quantized)
-      return float(e) * scales[std::size_t(offset / head_dim_ + kv.scale_offset(pos, g))];
+      return float(e) * scale;
     else
       return float(e);
   }
 
+  Exec exec_;
   index_t n_layer_, kv_heads_, head_dim_, max_seq_;
   index_t block_tokens_ = 0, blocks_ = 0, layer_elements_ = 0;
   // The blocks the storage is laid out in: the paged blocks themselves, or
@@ -563,8 +623,10 @@ class kv_cache {
   // Windowed layers: their width, ring blocks per sequence, the rings' pool.
   std::vector<index_t> windows_, layer_offset_;  // per layer: window (0 global), first element in k_ / v_
   index_t window_ = 0, ring_blocks_ = 0, ring_pool_blocks_ = 0, global_layers_ = 0;
-  buffer<element_type> k_, v_;
-  buffer<float> k_scale_, v_scale_;  // int8 only
+  // Entries of a sequence's device table: its blocks (or slot layout), then its ring table.
+  index_t table_entries_ = 0, ring_entries_ = 0;
+  buffer_for<element_type, Exec> k_, v_;
+  buffer_for<float, Exec> k_scale_, v_scale_;  // int8 only
   std::vector<std::int32_t> free_blocks_, free_ring_blocks_;
   std::vector<sequence> sequences_;
   std::vector<sequence_id> free_ids_;

@@ -14,6 +14,7 @@
 #include "ctformer/ops/elementwise.hpp"
 #include "ctformer/ops/embedding.hpp"
 #include "ctformer/ops/gemm.hpp"
+#include "ctformer/ops/kv_write.hpp"
 #include "ctformer/ops/linear.hpp"
 #include "ctformer/ops/loss.hpp"
 #include "ctformer/ops/norm.hpp"

@@ -8,6 +8,7 @@
 #include "ctformer/kernels/cpu/elementwise.hpp"
 #include "ctformer/kernels/cpu/embedding.hpp"
 #include "ctformer/kernels/cpu/gemm.hpp"
+#include "ctformer/kernels/cpu/kv_write.hpp"
 #include "ctformer/kernels/cpu/linear.hpp"
 #include "ctformer/kernels/cpu/loss.hpp"
 #include "ctformer/kernels/cpu/norm.hpp"

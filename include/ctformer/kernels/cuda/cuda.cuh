@@ -13,6 +13,7 @@
 #include "ctformer/kernels/cuda/elementwise.cuh"
 #include "ctformer/kernels/cuda/embedding.cuh"
 #include "ctformer/kernels/cuda/gemm.cuh"
+#include "ctformer/kernels/cuda/kv_write.cuh"
 #include "ctformer/kernels/cuda/loss.cuh"
 #include "ctformer/kernels/cuda/norm.cuh"
 #include "ctformer/kernels/cuda/softmax.cuh"
