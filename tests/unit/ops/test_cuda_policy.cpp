@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -218,11 +219,12 @@ TEST_CASE("CTFORMER_CUDA_CHECK throws cuda_error with file, line and CUDA's mess
   ctformer::cuda::par.synchronize();  // the device is still healthy
 }
 
-// The inference kernels are CPU-only so far (issue 4 asks for CPU decode;
-// CUDA inference is on the roadmap): packed-weight GEMV and GEMM, in both
-// matrix layouts, and attention over a KV cache have no cuda::par hook, so
-// the ops stop with their one-sentence static_assert. When one gains a CUDA
-// kernel, this test fails and is to be replaced by the shared assertions.
+// The quantized inference kernels are CPU-only so far: packed-weight GEMV
+// and GEMM, in both matrix layouts, have no cuda::par hook, so the ops stop
+// with their one-sentence static_assert. When one gains a CUDA kernel, this
+// test fails and is to be replaced by the shared assertions. Attention over
+// a KV cache has its CUDA kernel (tests/unit/infer/test_inference_cuda.cu
+// checks it against the CPU's).
 template <class W>
 constexpr bool has_cuda_quantized_gemv = requires(const W& w, tensor_view<const float, 1> x, tensor_view<float, 1> y) {
   quantized_gemv_impl(ctformer::cuda::par, w, x, y);
@@ -233,27 +235,27 @@ constexpr bool has_cuda_quantized_gemm = requires(const W& w, tensor_view<const 
 };
 template <class E>
 constexpr bool has_cuda_cached_attention =
-    requires(tensor_view<const float, 3> q, const kv_view<const E>& kv, tensor_view<float, 3> out) {
-      cached_attention_impl(ctformer::cuda::par, q, kv, out, index_t(0), 1.0f);
-    };
+    requires(tensor_view<const float, 3> q, std::span<const attention_segment<const E>> segments,
+             tensor_view<float, 3> out) { cached_attention_impl(ctformer::cuda::par, q, segments, out, 1.0f); };
 // The sampler's scan of a logits row runs on the host by design (the row is
 // copied there to be sampled), so it has a CPU kernel only.
 template <class T>
 constexpr bool has_cuda_scan_logits = requires(tensor_view<const T, 1> x) { scan_logits_impl(ctformer::cuda::par, x); };
-TEST_CASE("packed-weight GEMV / GEMM and cached attention have no CUDA kernel yet", "[cuda][policy][cpu_only]") {
+TEST_CASE("packed-weight GEMV / GEMM have no CUDA kernel yet; cached attention has", "[cuda][policy][cpu_only]") {
   STATIC_REQUIRE_FALSE(has_cuda_scan_logits<float>);
   STATIC_REQUIRE(requires(tensor_view<const float, 1> x) { scan_logits_impl(cpu::par, x); });
   STATIC_REQUIRE_FALSE(has_cuda_quantized_gemv<quant::packed_matrix<quant::q8_0>>);
   STATIC_REQUIRE_FALSE(has_cuda_quantized_gemv<quant::interleaved_matrix<quant::q4_0>>);
   STATIC_REQUIRE_FALSE(has_cuda_quantized_gemm<quant::packed_matrix<quant::q4_0>>);
   STATIC_REQUIRE_FALSE(has_cuda_quantized_gemm<quant::interleaved_matrix<quant::q8_0>>);
-  STATIC_REQUIRE_FALSE(has_cuda_cached_attention<bf16>);
+  STATIC_REQUIRE(has_cuda_cached_attention<float>);
+  STATIC_REQUIRE(has_cuda_cached_attention<bf16>);
+  STATIC_REQUIRE(has_cuda_cached_attention<std::int8_t>);
   // The same checks hold the CPU hooks to be there, so the test cannot pass by misspelling one.
   STATIC_REQUIRE(requires(const quant::interleaved_matrix<quant::q4_0>& w, tensor_view<const float, 1> x,
                           tensor_view<float, 1> y) { quantized_gemv_impl(cpu::par, w, x, y); });
-  STATIC_REQUIRE(requires(tensor_view<const float, 3> q, const kv_view<const bf16>& kv, tensor_view<float, 3> out) {
-    cached_attention_impl(cpu::par, q, kv, out, index_t(0), 1.0f);
-  });
+  STATIC_REQUIRE(requires(tensor_view<const float, 3> q, std::span<const attention_segment<const bf16>> segments,
+                          tensor_view<float, 3> out) { cached_attention_impl(cpu::par, q, segments, out, 1.0f); });
 }
 
 // The compile-time questions a caller asks of a policy (inference_model

@@ -10,6 +10,7 @@
 #include "ctformer/kernels/cuda/activation.cuh"
 #include "ctformer/kernels/cuda/attention.cuh"
 #include "ctformer/kernels/cuda/bias.cuh"
+#include "ctformer/kernels/cuda/cached_attention.cuh"
 #include "ctformer/kernels/cuda/elementwise.cuh"
 #include "ctformer/kernels/cuda/embedding.cuh"
 #include "ctformer/kernels/cuda/gemm.cuh"
