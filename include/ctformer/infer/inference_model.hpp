@@ -1,7 +1,8 @@
 // infer::inference_model<Cfg, Format, KvPolicy, Exec>: the decoder blocks of
-// nn/block.hpp run for generation -- weights packed in a quant:: format, no
-// activations saved, one forward call over a ragged batch of many sequences
-// (prefill chunks and decode tokens together) reading and writing a KV cache.
+// nn/block.hpp run for generation -- weights packed in a quant:: format (on
+// CUDA: fp32 or bf16 device matrices), no activations saved, one forward call
+// over a ragged batch of many sequences (prefill chunks and decode tokens
+// together) reading and writing a KV cache, on cpu::par or cuda::par.
 #pragma once
 
 #include <algorithm>
@@ -32,18 +33,31 @@ namespace ctformer::infer {
 /// row-major GEMV is bound by nibble unpacking, the interleaved one by
 /// memory), and q8_0 where ops::interleave_q8_0 says its integer GEMM beats
 /// dequantizing to fp32 on this build.
-template <class Format, class Exec>
+/// On a policy whose memory the host cannot read (cuda::par): fp32 weights
+/// are a device (out, in) fp32 matrix (one cuBLAS GEMM per linear layer), and
+/// bf16_weights a device (out, in) bf16 matrix, multiplied with the
+/// activations rounded to bf16 (ops::mixed_precision_weight, fp32
+/// accumulation). Other formats have no device kernels yet.
+template <class Format, class Exec, bool Host = Exec::memory_space::host_accessible>
 struct inference_weights {
   using type = quant::packed_matrix<Format>;
 };
 template <class Exec>
-struct inference_weights<quant::q4_0, Exec> {
+struct inference_weights<quant::q4_0, Exec, true> {
   using type = quant::interleaved_matrix<quant::q4_0>;
 };
 template <class Exec>
-struct inference_weights<quant::q8_0, Exec> {
+struct inference_weights<quant::q8_0, Exec, true> {
   using type = std::conditional_t<ops::interleave_q8_0<Exec>, quant::interleaved_matrix<quant::q8_0>,
                                   quant::packed_matrix<quant::q8_0>>;
+};
+template <class Exec>
+struct inference_weights<quant::fp32, Exec, false> {
+  using type = tensor_view<const float, 2>;
+};
+template <class Exec>
+struct inference_weights<quant::bf16_weights, Exec, false> {
+  using type = tensor_view<const bf16, 2>;
 };
 
 /// Where an inference model's weights come from: fp32 tensors by name, and
@@ -91,23 +105,37 @@ class flat_parameter_source {
 /// sequences' state is the KV cache the caller passes in (make_cache builds
 /// one of the right shape), so one model serves any number of caches -- but
 /// not from two threads at once.
+///
+/// On cuda::par the weights, the scratch and the cache live in device memory
+/// and every kernel runs on the policy's stream; the weights are still read
+/// from host sources (a trained nn::model<Cfg, cpu::par_t>, a flat buffer, a
+/// quantized checkpoint) and uploaded once. Each forward call uploads the
+/// batch's token ids and positions, and copies the logit rows it returns
+/// back to a host buffer (the stream synchronised): the returned logits are
+/// host memory on every policy, as sampling and generate() need.
 /// @tparam Cfg an nn::model_config
-/// @tparam Format the weight format of the linear layers (quant::fp32, bf16_weights, q8_0, q4_0, int8_rowwise)
+/// @tparam Format the weight format of the linear layers (quant::fp32, bf16_weights, q8_0, q4_0,
+///   int8_rowwise; fp32 and bf16_weights on cuda::par)
 /// @tparam KvPolicy the cache policy (kv::contiguous<E>, kv::paged<B, E>)
-/// @tparam Exec the execution policy (cpu::par_t)
+/// @tparam Exec the execution policy (cpu::par_t; cuda::par_t under nvcc)
 template <class Cfg, quant::weight_format Format = quant::fp32, kv_policy KvPolicy = kv::contiguous<float>,
           execution_policy Exec = cpu::par_t>
 class inference_model {
   static_assert(nn::check_model_config<Cfg>());
-  static_assert(std::is_same_v<Exec, cpu::par_t>,
-                "ctformer: inference_model runs on cpu::par_t (its packed weights live in host memory)");
+  /// Whether the model's memory is a device's (cuda::par): weights, scratch and cache there.
+  static constexpr bool on_device = !Exec::memory_space::host_accessible;
+  static_assert(on_device || std::is_same_v<Exec, cpu::par_t>,
+                "ctformer: inference_model runs on cpu::par_t or on a device policy (cuda::par_t)");
+  static_assert(!on_device || std::is_same_v<Format, quant::fp32> || std::is_same_v<Format, quant::bf16_weights>,
+                "ctformer: inference_model on CUDA takes fp32 or bf16_weights weights; quantized formats (q8_0, "
+                "q4_0, int8_rowwise, sparse) run on cpu::par only for now");
 
  public:
   using config = Cfg;
   using traits = nn::config_traits<Cfg>;
   using format = Format;
   using kv_policy_type = KvPolicy;
-  using cache_type = kv_cache<KvPolicy>;
+  using cache_type = kv_cache<KvPolicy, Exec>;
   using exec_type = Exec;
   using block = nn::decoder_block<Cfg>;
 
@@ -121,6 +149,8 @@ class inference_model {
   using weights_type = nn::model_weights<Cfg, weight_matrix>;
   /// Whether prefill chunks run an integer GEMM rather than dequantizing to fp32.
   static constexpr bool integer_gemm = quant::is_interleaved_matrix<weight_matrix>;
+  /// Whether the linear layers round their activations to bf16 (bf16 weights on a device).
+  static constexpr bool rounds_activations = on_device && std::is_same_v<Format, quant::bf16_weights>;
 
   /// The default number of rows one forward call holds (a batch of many
   /// sequences may hold more than max_seq: pass a larger max_chunk).
@@ -167,7 +197,8 @@ class inference_model {
   static index_t parameter_count() { return nn::parameter_count_of<Cfg>(); }
 
   const Exec& exec() const { return exec_; }
-  /// Changes the threads the model runs on (the packed weights stay).
+  /// Changes the threads (or the stream) the model runs on; the weights stay.
+  /// A CUDA cache runs on the stream it was made with: forward refuses one of another stream.
   void set_exec(Exec exec) { exec_ = exec; }
   /// The most rows one forward call holds.
   index_t max_chunk() const { return max_chunk_; }
@@ -177,10 +208,11 @@ class inference_model {
   /// @param capacity contiguous: sequence slots; paged: positions in the pool
   /// Windowed layers (a sliding-window pattern) keep a ring of their window per sequence.
   /// @param max_sequences paged caches with windowed layers: the most sequences open at once (sizes the rings)
+  /// The cache lives in the memory of the model's policy and runs on its stream.
   cache_type make_cache(index_t capacity, index_t max_sequences = 0) const {
     std::vector<index_t> windows(static_cast<std::size_t>(n_layer), index_t(0));
     for (index_t l = 0; l < n_layer; ++l) windows[std::size_t(l)] = traits::window_of(int(l));
-    return cache_type(n_layer, n_kv_head, head_dim, max_seq, capacity, std::move(windows), max_sequences);
+    return cache_type(n_layer, n_kv_head, head_dim, max_seq, capacity, std::move(windows), max_sequences, exec_);
   }
 
   /// Bytes of the packed linear weights: what one decode step streams from
@@ -195,7 +227,8 @@ class inference_model {
   /// its own, and the sequences' lengths grow by their rows. Each weight
   /// matrix is streamed once for the whole batch.
   /// Returns the logits of the rows that asked for them, in row order:
-  /// (logit_rows, vocab), valid until the next call.
+  /// (logit_rows, vocab) in host memory (on a device policy copied back, the
+  /// stream synchronised), valid until the next call.
   /// Throws, naming the row and leaving the cache unchanged: invalid_input
   /// for an empty batch or one of more than max_chunk() rows, a token
   /// outside [0, vocab), a sequence that is not open, a sequence whose rows
@@ -208,12 +241,13 @@ class inference_model {
     for (const auto& seg : segments_) cache.reserve(seg.sequence, seg.start + seg.rows);
     try {
       run(cache, rows);
+      exec_.synchronize();  // a device kernel's failure is this call's error (nothing to wait for on the CPU)
     } catch (...) {
       for (const auto& seg : segments_) cache.release_unused(seg.sequence);
       throw;
     }
     for (const auto& seg : segments_) cache.set_length(seg.sequence, seg.start + seg.rows);
-    return tensor_view<const float, 2>(logits_.data(), {logit_rows_, vocab});
+    return tensor_view<const float, 2>(host_logits(), {logit_rows_, vocab});
   }
 
   /// Runs the prompt tokens through the model at the sequence's next
@@ -246,7 +280,7 @@ class inference_model {
                          done + n == index_t(tokens.size()));
       forward(cache, single_);
     }
-    return {logits_.data(), std::size_t(vocab)};
+    return {host_logits(), std::size_t(vocab)};
   }
 
   /// One token at the sequence's next position: returns its logits (vocab),
@@ -255,7 +289,7 @@ class inference_model {
     single_.clear();
     single_.add(token, cache.length(seq), seq, true);
     forward(cache, single_);
-    return {logits_.data(), std::size_t(vocab)};
+    return {host_logits(), std::size_t(vocab)};
   }
 
  private:
@@ -273,8 +307,10 @@ class inference_model {
     // Every matrix sits in one arena, aligned as a buffer of its own would be
     // (host_space::alignment): one allocation large enough for huge pages,
     // which one matrix of a few hundred KB is not. Decode streams the arena
-    // front to back, a layer's matrices in the order they are used.
-    constexpr std::size_t alignment = host_space::alignment;
+    // front to back, a layer's matrices in the order they are used. On a
+    // device the matrices start at 256 bytes, the alignment cuBLASLt assumes
+    // of a whole allocation, and the host sources are staged and uploaded.
+    constexpr std::size_t alignment = on_device ? std::size_t(256) : host_space::alignment;
     const auto aligned_bytes = [](index_t rows, index_t cols) {
       return (Format::bytes_for(rows, cols) + alignment - 1) / alignment * alignment;
     };
@@ -288,15 +324,34 @@ class inference_model {
     };
     weights_.visit(count);
     if constexpr (traits::tie_embeddings) arena_bytes += aligned_bytes(vocab, d_model);
-    dense_ = buffer<float>(std::size_t(dense_floats), 0.0f);
-    weight_arena_ = buffer<std::byte>(arena_bytes);
+    // A device model fills a host copy of the fp32 tensors and uploads it once.
+    std::vector<float> dense_staging;
+    if constexpr (on_device) {
+      dense_ = buffer_for<float, Exec>(std::size_t(dense_floats));
+      dense_staging.assign(std::size_t(dense_floats), 0.0f);
+    } else {
+      dense_ = buffer<float>(std::size_t(dense_floats), 0.0f);
+    }
+    float* dense_target = on_device ? dense_staging.data() : dense_.data();
+    weight_arena_ = buffer_for<std::byte, Exec>(arena_bytes);
 
     index_t dense_used = 0;
     std::size_t arena_used = 0;
     auto pack = [&](const std::string& name, weight_matrix& m, index_t rows, index_t cols) {
       std::byte* storage = weight_arena_.data() + arena_used;
       arena_used += aligned_bytes(rows, cols);
-      if constexpr (std::is_same_v<weight_matrix, quant::packed_matrix<Format>>) {
+      if constexpr (on_device) {
+        // Packed fp32 and bf16 rows are the plain row-major matrix.
+        using element = typename Format::block_type;
+        quant::packed_matrix<Format> staging(rows, cols);
+        source.packed(name, staging);
+        element* device = reinterpret_cast<element*>(storage);
+        ops::copy(exec_, tensor_view<const element, 1>(reinterpret_cast<const element*>(staging.data()), {rows * cols}),
+                  tensor_view<element, 1>(device, {rows * cols}));
+        exec_.synchronize();  // the staging matrix is freed on return
+        m = weight_matrix(device, {rows, cols});
+        weight_bytes_ += staging.bytes();
+      } else if constexpr (std::is_same_v<weight_matrix, quant::packed_matrix<Format>>) {
         m = weight_matrix(rows, cols, storage);
         source.packed(name, m);
       } else {
@@ -304,7 +359,7 @@ class inference_model {
         source.packed(name, rows_major);
         m = weight_matrix(rows_major, storage);
       }
-      weight_bytes_ += m.bytes();
+      if constexpr (!on_device) weight_bytes_ += m.bytes();
     };
     auto fill = [&]<class Member>(const std::string& name, Member& member, const std::vector<index_t>& shape,
                                   nn::parameter_kind) {
@@ -313,7 +368,7 @@ class inference_model {
       } else {
         const index_t size = shape.size() == 1 ? shape[0] : shape[0] * shape[1];
         const float* values = source.dense(name, shape);
-        std::copy(values, values + size, dense_.data() + dense_used);
+        std::copy(values, values + size, dense_target + dense_used);
         if constexpr (std::is_same_v<Member, tensor_view<float, 1>>)
           member = tensor_view<float, 1>(dense_.data() + dense_used, {shape[0]});
         else
@@ -323,6 +378,11 @@ class inference_model {
     };
     weights_.visit(fill);
     if constexpr (traits::tie_embeddings) pack("token_embedding.weight", weights_.lm_head, vocab, d_model);
+    if constexpr (on_device) {
+      ops::copy(exec_, tensor_view<const float, 1>(dense_staging.data(), {dense_floats}),
+                tensor_view<float, 1>(dense_.data(), {dense_floats}));
+      exec_.synchronize();
+    }
   }
 
   // The scratch of one forward call, for `rows` rows: one walk that both
@@ -351,8 +411,21 @@ class inference_model {
   void allocate_scratch() {
     index_t floats = 0;
     carve(nullptr, max_chunk_, &floats);
-    scratch_ = buffer<float>(std::size_t(floats), 0.0f);
-    ids_ = buffer<std::int32_t>(std::size_t(2 * max_chunk_), 0);
+    if constexpr (on_device) {
+      scratch_ = buffer_for<float, Exec>(std::size_t(floats));
+      ops::fill(exec_, tensor_view<float, 1>(scratch_.data(), {floats}), 0.0f);
+      ids_ = buffer_for<std::int32_t, Exec>(std::size_t(2 * max_chunk_));
+      host_ids_.assign(std::size_t(2 * max_chunk_), 0);
+      if constexpr (rounds_activations) {
+        // The widest linear input: (rows, d_ff) into the down projection, (rows, d_model) elsewhere.
+        const index_t widest = max_chunk_ * std::max<index_t>(d_model, d_ff);
+        operand_scratch_ = buffer_for<bf16, Exec>(std::size_t(widest));
+      }
+      exec_.synchronize();
+    } else {
+      scratch_ = buffer<float>(std::size_t(floats), 0.0f);
+      ids_ = buffer<std::int32_t>(std::size_t(2 * max_chunk_), 0);
+    }
     logit_row_index_.reserve(std::size_t(max_chunk_));
     segments_.reserve(std::size_t(max_chunk_));
     attention_segments_.reserve(std::size_t(max_chunk_));
@@ -361,6 +434,11 @@ class inference_model {
 
   // --- checks -------------------------------------------------------------------
   void check_cache(const cache_type& cache) const {
+    if constexpr (requires(const Exec& e) { e.stream; }) {
+      if (cache.exec().stream != exec_.stream)
+        throw invalid_input("ctformer::infer::inference_model: the cache runs on another stream than the model "
+                            "(build it with make_cache, or give both the same policy)");
+    }
     bool windows_match = true;
     for (index_t l = 0; l < n_layer && cache.n_layer() == n_layer; ++l)
       windows_match = windows_match && cache.window_of(l) == traits::window_of(int(l));
@@ -447,10 +525,14 @@ class inference_model {
     constexpr index_t c = d_model;
     const scratch_views s = carve(scratch_.data(), n);
     const nn::block_activations& a = s.layer;
-    std::int32_t* ids = ids_.data();
-    std::copy(rows.tokens().begin(), rows.tokens().end(), ids);
-    std::copy(rows.positions().begin(), rows.positions().end(), ids + n);
-    const tensor_view<const std::int32_t, 1> token_ids(ids, {n}), positions(ids + n, {n});
+    // A device model stages the ids on the host and uploads them (stream-ordered).
+    std::int32_t* staged = on_device ? host_ids_.data() : ids_.data();
+    std::copy(rows.tokens().begin(), rows.tokens().end(), staged);
+    std::copy(rows.positions().begin(), rows.positions().end(), staged + n);
+    if constexpr (on_device)
+      ops::copy(exec_, tensor_view<const std::int32_t, 1>(staged, {2 * n}),
+                tensor_view<std::int32_t, 1>(ids_.data(), {2 * n}));
+    const tensor_view<const std::int32_t, 1> token_ids(ids_.data(), {n}), positions(ids_.data() + n, {n});
 
     const auto x = a.residual_in;  // (N, C): the residual stream, updated in place by every block
     ops::embedding_forward(exec_, token_ids, as_const(weights_.token_embedding), x);
@@ -460,10 +542,10 @@ class inference_model {
     }
 
     const float scale = 1.0f / std::sqrt(float(head_dim));
-    const auto as_stored = [](const weight_matrix& m) -> const weight_matrix& { return m; };
+    const auto as_operand = [this](const weight_matrix& m) -> decltype(auto) { return operand(m); };
     nn::for_each_layer<Cfg>([&](index_t l, auto kind) {
       constexpr index_t window = decltype(kind)::window;
-      block::forward(exec_, weights_.blocks[l], as_stored, a, rope_.view(), positions,
+      block::forward(exec_, weights_.blocks[l], as_operand, a, rope_.view(), positions,
                      [&](tensor_view<const float, 3> q, tensor_view<const float, 3> k, tensor_view<const float, 3> v,
                          tensor_view<float, 3> out) { attend<window>(cache, l, q, k, v, out, scale); });
     });
@@ -475,16 +557,55 @@ class inference_model {
       if (wants[std::size_t(i)]) logit_row_index_.push_back(i);
     logit_rows_ = index_t(logit_row_index_.size());
     if (logit_rows_ == 0) return;
-    if (logits_.size() < std::size_t(logit_rows_ * vocab)) logits_ = buffer<float>(std::size_t(logit_rows_ * vocab));
+    const std::size_t logit_floats = std::size_t(logit_rows_ * vocab);
+    if (logits_.size() < logit_floats) {
+      logits_ = buffer_for<float, Exec>(logit_floats);
+      if constexpr (on_device) host_logits_ = buffer<float>(logit_floats);
+    }
     const tensor_view<float, 2> gathered(a.attention_out.data(), {logit_rows_, c});
-    for (index_t r = 0; r < logit_rows_; ++r)
-      std::copy(&x(logit_row_index_[std::size_t(r)], 0), &x(logit_row_index_[std::size_t(r)], 0) + c, &gathered(r, 0));
+    if constexpr (on_device) {
+      // One device copy per run of consecutive rows (a decode batch: one run).
+      for (index_t r = 0; r < logit_rows_;) {
+        index_t end = r + 1;
+        while (end < logit_rows_ && logit_row_index_[std::size_t(end)] == logit_row_index_[std::size_t(end - 1)] + 1)
+          ++end;
+        const index_t from = logit_row_index_[std::size_t(r)];
+        ops::copy(exec_, tensor_view<const float, 1>(x.data() + from * x.stride(0), {(end - r) * c}),
+                  tensor_view<float, 1>(gathered.data() + r * c, {(end - r) * c}));
+        r = end;
+      }
+    } else {
+      for (index_t r = 0; r < logit_rows_; ++r)
+        std::copy(&x(logit_row_index_[std::size_t(r)], 0), &x(logit_row_index_[std::size_t(r)], 0) + c,
+                  &gathered(r, 0));
+    }
     const tensor_view<float, 2> normed(a.attention_norm_out.data(), {logit_rows_, c});
     block::norm_forward(exec_, as_const(gathered), as_const(weights_.final_norm_weight),
                         as_const(weights_.final_norm_bias), normed,
                         tensor_view<float, 1>(a.attention_norm_mean.data(), {logit_rows_}),
                         tensor_view<float, 1>(a.attention_norm_rstd.data(), {logit_rows_}));
-    ops::linear(exec_, as_const(normed), weights_.lm_head, tensor_view<float, 2>(logits_.data(), {logit_rows_, vocab}));
+    ops::linear(exec_, as_const(normed), operand(weights_.lm_head),
+                tensor_view<float, 2>(logits_.data(), {logit_rows_, vocab}));
+    if constexpr (on_device)
+      ops::copy(exec_, tensor_view<const float, 1>(logits_.data(), {logit_rows_ * vocab}),
+                tensor_view<float, 1>(host_logits_.data(), {logit_rows_ * vocab}));
+  }
+
+  // What ops::linear multiplies by for a stored matrix: the matrix itself,
+  // or (bf16 weights on a device) the bf16 matrix with the operand scratch
+  // the activations are rounded into.
+  decltype(auto) operand(const weight_matrix& m) {
+    if constexpr (rounds_activations)
+      return ops::mixed_precision_weight<bf16>{
+          m, tensor_view<bf16, 1>(operand_scratch_.data(), {index_t(operand_scratch_.size())}), tensor_view<bf16, 1>()};
+    else
+      return (m);
+  }
+
+  // The logits forward returns: the host copy on a device policy.
+  const float* host_logits() const {
+    if constexpr (on_device) return host_logits_.data();
+    else return logits_.data();
   }
 
   // Writes the batch's keys and values of layer l to the cache and attends
@@ -523,17 +644,22 @@ class inference_model {
 
   Exec exec_;
   index_t max_chunk_;
-  buffer<float> dense_;  // embeddings, norms, biases (fp32)
+  buffer_for<float, Exec> dense_;  // embeddings, norms, biases (fp32)
   // The linear weights' bytes, which the matrices in weights_ live in
   // (declared first: destroyed after them).
-  buffer<std::byte> weight_arena_;
+  buffer_for<std::byte, Exec> weight_arena_;
   weights_type weights_;
   std::size_t weight_bytes_ = 0;
   nn::rope_table_storage<Cfg, Exec> rope_;
 
-  buffer<float> scratch_;
-  buffer<std::int32_t> ids_;  // token ids, then positions: (2 * max_chunk)
-  buffer<float> logits_;      // (logit rows, V), grown to the most rows asked for
+  buffer_for<float, Exec> scratch_;
+  buffer_for<std::int32_t, Exec> ids_;  // token ids, then positions: (2 * max_chunk)
+  buffer_for<float, Exec> logits_;      // (logit rows, V), grown to the most rows asked for
+  // Device policies only: the ids staged on the host, the logits copied back,
+  // and (bf16 weights) the activations rounded to bf16 for each GEMM.
+  std::vector<std::int32_t> host_ids_;
+  buffer<float> host_logits_;
+  buffer_for<bf16, Exec> operand_scratch_;
   std::vector<index_t> logit_row_index_;
   index_t logit_rows_ = 0;
   std::vector<segment> segments_;
