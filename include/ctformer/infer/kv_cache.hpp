@@ -82,8 +82,8 @@ class cache_exhausted : public error {
 /// elements: a block holds its positions head by head, so that a decode step
 /// (every head over every position) reads it front to back, which the
 /// hardware prefetchers follow; a position-major block would be read as one
-/// 128-byte row per position stride and measured 2-3x slower from DRAM
-/// (Zen 4). A contiguous cache lays each sequence slot out the same way, in
+/// 128-byte row per position stride, which the prefetchers follow poorly
+/// (docs/performance.md has the measurement). A contiguous cache lays each sequence slot out the same way, in
 /// blocks of 64 positions, so a slot holds max_seq rounded up to a multiple
 /// of 64 positions: whole-slot head runs would make the per-tile reads jump
 /// between heads, and 64 is the attention kernels' tile, so each tile of a
