@@ -108,8 +108,9 @@ void quantized_gemm(const P& exec, const W& w, const X& x, const Y& y) {
 
 /// True when q8_0 weights run faster on policy P in a
 /// quant::interleaved_matrix (8 rows interleaved, an int8 GEMM for prefill)
-/// than in a row-major packed_matrix: on the CPU, a build with VNNI. Lets an
-/// engine choose its weight layout at compile time.
+/// than in a row-major packed_matrix: on the CPU, a build with AVX512_VNNI,
+/// or AVX2 without AVX-512. Lets an engine choose its weight layout at
+/// compile time.
 template <execution_policy P>
 inline constexpr bool interleave_q8_0 = [] {
   if constexpr (requires { interleave_q8_0_impl(static_cast<const P*>(nullptr)); })

@@ -1,6 +1,8 @@
 // quant::interleaved_matrix<q4_0 | q8_0>: the repacking keeps every block's
 // bits, and its GEMV / GEMM / dequantize kernels agree with the row-major
-// values, with each other and with themselves across thread counts, bit for bit.
+// values, with each other and with themselves across thread counts, bit for
+// bit; q8_0's products agree with the row-major kernels' within the fp32
+// summation bound.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -8,6 +10,7 @@
 #include <vector>
 
 #include "ctformer/exec/cpu.hpp"
+#include "ctformer/kernels/cpu/isa.hpp"
 #include "ctformer/kernels/cpu/quantize_interleaved.hpp"
 #include "ctformer/ops/quantize.hpp"
 #include "ctformer/quant/interleaved_matrix.hpp"
@@ -168,6 +171,54 @@ TEMPLATE_TEST_CASE("an interleaved row gets the same bits in a group, as a tail 
     }
     INFO("threads " << threads);
     CHECK(differing_tokens == 0);
+  }
+}
+
+// Where ops::interleave_q8_0 holds (AVX512_VNNI builds, and AVX2 builds
+// without AVX-512, whose int8 GEMM uses the sign trick), an inference model
+// keeps q8_0 interleaved, so its results move from the row-major kernels' to
+// these. Both sides compute every block's integer dot q . x_q exactly (at
+// most 32 * 127 * 127 < 2^24, exact in fp32) and multiply it by the same
+// fp32 scale d_w * d_x; they differ only in how the fp32 products are summed
+// (the row-major AVX2 kernel keeps 8 lanes of partial dots per block in two
+// accumulators and sums the lanes at the end; the interleaved one adds one
+// product per block in order). Each order's error is within
+// gamma_n * sum |terms| for n terms (n <= 8 nb + 8 here), so the two agree
+// within 2 gamma_n * sum_b |d_w d_x| sum_i |q_i x_q,i|.
+TEST_CASE("interleaved q8_0 gemv and gemm agree with row-major q8_0 within the fp32 summation bound",
+          "[quant][interleaved][gemv]") {
+  STATIC_REQUIRE(ops::interleave_q8_0<cpu::par_t> == (cpu::isa::avx512_vnni || (cpu::isa::avx2 && !cpu::isa::avx512)));
+  for (const auto& s : shapes) {
+    interleaved_case<quant::q8_0> c(s[0], s[1], std::uint32_t(3 * s[0] + s[1]));
+    const index_t tokens = 6;  // one pass of 4 tokens, one of 2
+    const auto x = testing::random_floats(std::size_t(tokens * c.cols), 17, -2.0f, 2.0f);
+    std::vector<float> gemm(std::size_t(tokens * c.rows), -1.0f);
+    ops::quantized_gemm(cpu::par.with_threads(2), c.m, tensor_view<const float, 2>(x.data(), {tokens, c.cols}),
+                        tensor_view<float, 2>(gemm.data(), {tokens, c.rows}));
+    const index_t nb = c.cols / 32;
+    const double n = double(8 * nb + 8), u = std::ldexp(1.0, -24);
+    const double gamma = n * u / (1.0 - n * u);
+    for (index_t t = 0; t < tokens; ++t) {
+      const tensor_view<const float, 1> xt(x.data() + t * c.cols, {c.cols});
+      std::vector<float> interleaved(std::size_t(c.rows), -1.0f), row_major(std::size_t(c.rows), -1.0f);
+      ops::quantized_gemv(cpu::par, c.m, xt, tensor_view<float, 1>(interleaved.data(), {c.rows}));
+      ops::quantized_gemv(cpu::par, c.row_major, xt, tensor_view<float, 1>(row_major.data(), {c.rows}));
+      cpu::detail::q8_activations act;
+      cpu::detail::quantize_activations(x.data() + t * c.cols, c.cols, act);
+      for (index_t r = 0; r < c.rows; ++r) {
+        const auto* blocks = reinterpret_cast<const quant::block_q8_0*>(c.row_major.row(r));
+        double terms = 0;
+        for (index_t b = 0; b < nb; ++b) {
+          double dot = 0;
+          for (index_t i = 0; i < 32; ++i) dot += std::fabs(double(blocks[b].qs[i]) * act.q[std::size_t(b * 32 + i)]);
+          terms += std::fabs(double(cpu::detail::fp16_to_float(blocks[b].d) * act.d[std::size_t(b)])) * dot;
+        }
+        INFO("row " << r << " of (" << c.rows << ", " << c.cols << "), token " << t);
+        REQUIRE(gemm[std::size_t(t * c.rows + r)] == interleaved[std::size_t(r)]);
+        REQUIRE(std::fabs(double(interleaved[std::size_t(r)]) - double(row_major[std::size_t(r)])) <=
+                2 * gamma * terms);
+      }
+    }
   }
 }
 

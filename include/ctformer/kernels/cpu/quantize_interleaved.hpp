@@ -328,12 +328,16 @@ inline std::vector<q8_activations>& token_activation_scratch() {
 }  // namespace detail
 
 /// Whether q8_0 weights are better kept interleaved by 8 rows than row-major
-/// in this build: with VNNI (q + 128 against the activation bytes, one
-/// vpdpbusd per 32 products) its int8 GEMM beats dequantizing to fp32 in
-/// prefill, and decode is as fast; without it each chunk needs the sign
-/// trick and a widening multiply-add, and row-major is as fast or faster
-/// (docs/performance.md). Behind ops::interleave_q8_0.
-constexpr bool interleave_q8_0_impl(const par_t*) { return detail::interleaved_vnni; }
+/// in this build, behind ops::interleave_q8_0. Prefill is what decides: a
+/// row-major q8_0 matrix is dequantized to fp32 for the fp32 GEMM, an
+/// interleaved one runs the int8 GEMM above, which does 32 multiply-adds per
+/// vpdpbusd (VNNI) or per sign-trick step of four instructions (AVX2: sign,
+/// maddubs, madd, add), against 8 per fp32 FMA; its GEMV is as fast as the
+/// row-major one. AVX-512 builds without VNNI keep row-major q8_0: their
+/// 16-wide fp32 GEMM against the 8-row AVX2 int8 kernel is unmeasured.
+constexpr bool interleave_q8_0_impl(const par_t*) {
+  return detail::interleaved_vnni || (isa::avx2 && !isa::avx512);
+}
 
 /// out = the fp32 values of w. out: (rows, cols), rows contiguous.
 template <class Format>
