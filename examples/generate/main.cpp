@@ -1,8 +1,6 @@
 // generate: loads a checkpoint (a train_gpt checkpoint, or a quantized one from
 // `quantize`), streams a continuation of a prompt, and prints prefill and
-// decode tokens/s. The checkpoint's configuration and weight format pick the
-// compile-time model type once, when the file is opened; nothing after that
-// dispatches at run time.
+// decode tokens/s.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -11,12 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "../common/presets.hpp"
+#include "../common/open_model.hpp"
 #include "ctformer/infer/generate.hpp"
-#include "ctformer/infer/inference_model.hpp"
-#include "ctformer/io/quantized_checkpoint.hpp"
-#include "ctformer/io/tokenizer.hpp"
-#include "ctformer/nn/nn.hpp"
 
 using namespace ctformer;
 
@@ -53,17 +47,16 @@ void require_utf8(std::string_view text, const char* what) {
   }
 }
 
-template <class Cfg, class Format>
-using model_for = infer::inference_model<Cfg, Format, infer::kv::paged<16, float>>;
-
-template <class Tokenizer, class Cfg, class Format>
-int run(const options& o, model_for<Cfg, Format>& model, const Tokenizer& tokenizer) {
-  auto cache = model.make_cache(Cfg::max_seq);
+template <class Model, class Tokenizer>
+int run(const options& o, Model& model, const Tokenizer& tokenizer) {
+  using Format = typename Model::format;
+  constexpr index_t max_seq = Model::max_seq;
+  auto cache = model.make_cache(max_seq);
   const auto prompt = tokenizer.encode(o.prompt);
   if (prompt.empty()) throw invalid_input("generate: the prompt is empty");
-  if (index_t(prompt.size()) >= Cfg::max_seq)
+  if (index_t(prompt.size()) >= max_seq)
     throw invalid_input("generate: the prompt has " + std::to_string(prompt.size()) +
-                        " tokens; the model's context holds " + std::to_string(Cfg::max_seq) +
+                        " tokens; the model's context holds " + std::to_string(max_seq) +
                         " and needs room for at least one new token");
 
   infer::sampling_settings settings;
@@ -100,31 +93,6 @@ int run(const options& o, model_for<Cfg, Format>& model, const Tokenizer& tokeni
   return 0;
 }
 
-// Builds the inference model of configuration Cfg straight from the file:
-// a quantized checkpoint's packed weights as they are stored, a training
-// checkpoint's fp32 parameters packed as fp32.
-template <class Cfg>
-int load_and_run(const options& o) {
-  const auto exec = cpu::par.with_threads(o.threads);
-  auto with_tokenizer = [&]<class Format>(model_for<Cfg, Format>& model, const std::string& vocabulary) {
-    if (vocabulary.find("\"byte\"") != std::string::npos)
-      return run<io::byte_tokenizer, Cfg, Format>(o, model, io::byte_tokenizer::deserialize(vocabulary));
-    return run<io::char_tokenizer, Cfg, Format>(o, model, io::char_tokenizer::deserialize(vocabulary));
-  };
-  if (io::is_quantized_checkpoint(o.checkpoint)) {
-    const auto meta = io::read_quantized_checkpoint_metadata(o.checkpoint);
-    return io::visit_weight_format(meta.weight_format, [&]<class Format>() {
-      const io::quantized_checkpoint_source<Cfg, Format> source(o.checkpoint);
-      model_for<Cfg, Format> model(source, model_for<Cfg, Format>::default_max_chunk, exec);
-      return with_tokenizer.template operator()<Format>(model, source.vocabulary());
-    });
-  }
-  nn::model<Cfg, cpu::par_t> trained(exec);
-  const auto meta = io::load_model_parameters(o.checkpoint, trained);
-  model_for<Cfg, quant::fp32> model(trained, model_for<Cfg, quant::fp32>::default_max_chunk, exec);
-  return with_tokenizer.template operator()<quant::fp32>(model, meta.vocabulary);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -145,10 +113,9 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   try {
     require_utf8(o.prompt, "the prompt");
-    const std::string config = io::is_quantized_checkpoint(o.checkpoint)
-                                   ? io::read_quantized_checkpoint_metadata(o.checkpoint).config_json
-                                   : io::read_checkpoint_metadata(o.checkpoint).config_json;
-    return examples::visit_config(config, [&]<class Cfg>() { return load_and_run<Cfg>(o); });
+    return examples::with_inference_model<infer::kv::paged<16, float>>(
+        o.checkpoint, cpu::par.with_threads(o.threads), 0,
+        [&](auto& model, const auto& tokenizer) { return run(o, model, tokenizer); });
   } catch (const ctformer::error& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 1;

@@ -52,7 +52,8 @@ generation_result generate(Model& model, typename Model::cache_type& cache, std:
   generation_result result;
   result.prompt_tokens = index_t(prompt.size());
   result.tokens.reserve(std::size_t(stop.max_tokens()));
-  // The sampler's repetition penalty reads the prompt and the new tokens.
+  // The sampler's repetition penalty reads the prompt and the new tokens,
+  // its presence and frequency penalties the new tokens.
   std::vector<std::int32_t> history(prompt.begin(), prompt.end());
   history.reserve(prompt.size() + std::size_t(stop.max_tokens()));
 
@@ -67,7 +68,7 @@ generation_result generate(Model& model, typename Model::cache_type& cache, std:
   result.prefill_seconds = std::chrono::duration<double>(clock::now() - start).count();
 
   for (;;) {
-    const std::int32_t token = draw.sample(logits, history);
+    const std::int32_t token = draw.sample(logits, history, prompt.size());
     result.tokens.push_back(token);
     history.push_back(token);
     bool keep_going = true;

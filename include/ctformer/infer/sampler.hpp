@@ -1,6 +1,7 @@
-// infer::sampler (greedy, temperature, top-k, top-p, min-p, repetition penalty
-// over one logits row, with a seeded RNG) and infer::stop_criteria (max
-// tokens, end-of-sequence tokens, stop sequences of tokens or of text).
+// infer::sampler (greedy, temperature, top-k, top-p, min-p, repetition,
+// presence and frequency penalties over one logits row, with a seeded RNG)
+// and infer::stop_criteria (max tokens, end-of-sequence tokens, stop
+// sequences of tokens or of text).
 #pragma once
 
 #include <algorithm>
@@ -28,6 +29,8 @@ namespace ctformer::infer {
 ///  1. repetition penalty on the raw logits of every distinct token in the
 ///     history window (CTRL, Keskar et al. 2019: a positive logit is divided
 ///     by the penalty, a negative one multiplied, so the token always loses);
+///     then the OpenAI API's presence and frequency penalties, over the
+///     generated tokens only: logit -= presence * [count > 0] + frequency * count;
 ///  2. temperature == 0: greedy, argmax of the penalised logits (ties: the
 ///     smallest id), and the steps below are skipped;
 ///  3. divide by the temperature;
@@ -44,6 +47,8 @@ struct sampling_settings {
   float min_p = 0.0f;                ///< 0: off; in [0, 1]
   float repetition_penalty = 1.0f;   ///< 1: off; > 1 discourages repeats
   int repetition_window = 0;         ///< the last n history tokens penalised; 0: all of them
+  float presence_penalty = 0.0f;     ///< 0: off; in [-2, 2], subtracted once from each generated token's logit
+  float frequency_penalty = 0.0f;    ///< 0: off; in [-2, 2], subtracted per occurrence in the generated tokens
   std::uint64_t seed = 0x5eed;       ///< the same seed gives the same tokens
 
   /// Throws invalid_input naming the first out-of-range setting.
@@ -55,6 +60,8 @@ struct sampling_settings {
     if (!(min_p >= 0.0f && min_p <= 1.0f)) fail("min_p must be in [0, 1]");
     if (!(repetition_penalty > 0.0f) || std::isinf(repetition_penalty)) fail("repetition_penalty must be > 0 and finite");
     if (repetition_window < 0) fail("repetition_window must be >= 0");
+    if (!(presence_penalty >= -2.0f && presence_penalty <= 2.0f)) fail("presence_penalty must be in [-2, 2]");
+    if (!(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f)) fail("frequency_penalty must be in [-2, 2]");
   }
 };
 
@@ -81,10 +88,13 @@ class sampler {
   }
 
   /// The next token. logits: (vocab); history: the tokens so far (prompt and
-  /// generated, as HF does), read only for the repetition penalty.
+  /// generated, as HF does), read only for the penalties: the repetition
+  /// penalty reads all of it, the presence and frequency penalties the
+  /// generated part history[generated_from, end).
   /// Throws invalid_input for an empty row, a row longer than int32 token ids
   /// can index, a NaN logit, or a history token outside [0, vocab).
-  std::int32_t sample(std::span<const float> logits, std::span<const std::int32_t> history = {}) {
+  std::int32_t sample(std::span<const float> logits, std::span<const std::int32_t> history = {},
+                      std::size_t generated_from = 0) {
     const std::size_t vocab = logits.size();
     if (vocab == 0) throw invalid_input("ctformer::infer::sampler: empty logits row");
     if (vocab > std::size_t(std::numeric_limits<std::int32_t>::max()))
@@ -92,6 +102,7 @@ class sampler {
                           " entries, more than int32 token ids can index");
     work_.assign(logits.begin(), logits.end());
     apply_repetition_penalty(history);
+    apply_occurrence_penalties(history.subspan(std::min(generated_from, history.size())));
     // One vectorised pass rejects NaN and +inf and finds the most likely
     // token (ties: the smallest id). Each pass over a 32000-token row costs
     // microseconds, so the sampler makes as few as its filters need.
@@ -286,12 +297,33 @@ class sampler {
     for (std::int32_t t : history) seen_[std::size_t(t)] = 0;
   }
 
+  // OpenAI's presence and frequency penalties, additive on the logits.
+  void apply_occurrence_penalties(std::span<const std::int32_t> generated) {
+    const float presence = settings_.presence_penalty, frequency = settings_.frequency_penalty;
+    if ((presence == 0.0f && frequency == 0.0f) || generated.empty()) return;
+    const std::size_t vocab = work_.size();
+    counts_.resize(vocab);  // all zero between calls: cleared below
+    for (std::int32_t t : generated)
+      if (t < 0 || std::size_t(t) >= vocab) {
+        throw invalid_input("ctformer::infer::sampler: generated token " + std::to_string(t) +
+                            " is outside the vocabulary of " + std::to_string(vocab));
+      }
+    for (std::int32_t t : generated) ++counts_[std::size_t(t)];
+    for (std::int32_t t : generated) {
+      std::uint32_t& c = counts_[std::size_t(t)];
+      if (c == 0) continue;  // already applied
+      work_[std::size_t(t)] -= presence + frequency * float(c);
+      c = 0;
+    }
+  }
+
   sampling_settings settings_;
   std::mt19937_64 rng_;
   std::vector<float> work_;            // (vocab) penalised logits
   std::vector<float> probabilities_;   // (vocab) softmax(work_ / temperature)
   std::vector<std::int32_t> order_;    // (vocab) token ids, sorted as far as needed
   std::vector<std::uint8_t> seen_;     // (vocab) marks for the penalty, kept all-zero
+  std::vector<std::uint32_t> counts_;  // (vocab) occurrences for the additive penalties, kept all-zero
   std::vector<candidate> candidates_;  // what the last draw chose from: the first candidate_count_
   std::size_t candidate_count_ = 0;
 };

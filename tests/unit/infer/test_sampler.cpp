@@ -157,6 +157,31 @@ TEST_CASE("the repetition penalty lowers every token seen, once per distinct tok
   CHECK(greedy.sample(logits) == 0);  // marks were cleared after the error
 }
 
+TEST_CASE("presence and frequency penalties subtract from generated tokens only, as the OpenAI API does",
+          "[infer][sampler]") {
+  const std::vector<float> logits = {2.0f, 1.5f, -1.0f, 0.5f};
+  // History: prompt {1, 1} then generated {0, 0, 3}.
+  const std::vector<std::int32_t> history = {1, 1, 0, 0, 3};
+  sampler s({.presence_penalty = 0.5f, .frequency_penalty = 0.25f});
+  s.sample(logits, history, 2);
+  // 0: 2.0 - 0.5 - 2 * 0.25 = 1.0; 3: 0.5 - 0.5 - 0.25 = -0.25; the prompt's 1 untouched.
+  const auto expected = softmax({1.0f, 1.5f, -1.0f, -0.25f});
+  std::vector<double> got(4, 0.0);
+  for (auto c : s.last_candidates()) got[std::size_t(c.token)] = c.probability;
+  // float softmax against a double reference over 4 entries: a few ulp.
+  for (int t = 0; t < 4; ++t) CHECK(got[std::size_t(t)] == Approx(expected[std::size_t(t)]).epsilon(1e-5));
+
+  sampler greedy({.temperature = 0.0f, .frequency_penalty = 2.0f});
+  CHECK(greedy.sample(logits, history, 2) == 1);   // 0 drops to -2.0
+  CHECK(greedy.sample(logits, history, 5) == 0);   // nothing generated yet: no penalty
+  sampler negative({.temperature = 0.0f, .presence_penalty = -2.0f});
+  CHECK(negative.sample(logits, std::vector<std::int32_t>{3}, 0) == 3);  // 0.5 + 2 beats 2.0
+  CHECK_THROWS_AS(greedy.sample(logits, std::vector<std::int32_t>{7}, 0), invalid_input);
+  CHECK(greedy.sample(logits, history, 5) == 0);  // counts were cleared after the error
+  CHECK_THROWS_AS(sampler({.presence_penalty = 2.5f}), invalid_input);
+  CHECK_THROWS_AS(sampler({.frequency_penalty = -3.0f}), invalid_input);
+}
+
 TEST_CASE("the same seed gives the same tokens; reseed restarts the stream", "[infer][sampler]") {
   const sampling_settings settings{.temperature = 0.9f, .top_k = 50, .top_p = 0.95f, .min_p = 0.01f,
                                    .repetition_penalty = 1.1f, .seed = 1234};
