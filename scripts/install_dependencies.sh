@@ -2,7 +2,7 @@
 # Installs the Debian packages ctformer builds and tests against (idempotent).
 set -euo pipefail
 packages=(cmake g++ make ccache libboost-dev libomp-dev catch2 libbenchmark-dev libopenblas-dev
-          nlohmann-json3-dev libcli11-dev libcpp-httplib-dev python3)
+          nlohmann-json3-dev libcli11-dev libcpp-httplib-dev pkg-config python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,8 +15,17 @@ jobs=${CTFORMER_JOBS:-$(nproc)}
 export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/ccache}
 build=${CTFORMER_BUILD_DIR:-build}
 
+echo "== Python for the server's end-to-end test: a virtual environment with the openai client (PyPI)"
+python_env=$build-python
+[[ $python_env = /* ]] || python_env=$PWD/$python_env
+if ! "$python_env/bin/python" -c "import openai" 2>/dev/null; then
+  python3 -m venv "$python_env"
+  "$python_env/bin/pip" install --quiet --disable-pip-version-check openai
+fi
+
 echo "== native build: every test"
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=native -DCTFORMER_ENABLE_CUDA=OFF >/dev/null
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=native -DCTFORMER_ENABLE_CUDA=OFF \
+  -DCTFORMER_PYTHON="$python_env/bin/python" >/dev/null
 cmake --build "$build" -j "$jobs"
 ctest --test-dir "$build" --output-on-failure -j "$jobs" -L cpu
 
@@ -48,11 +57,11 @@ else
   echo "   this CPU has no AVX2: the AVX2 tests were compiled, not run"
 fi
 
-echo "== AddressSanitizer + UBSan: the tests that feed bad input (io, infer, quant, compress, train)"
+echo "== AddressSanitizer + UBSan: the tests that feed bad input (io, infer, quant, compress, train, serve)"
 cmake -S . -B "$build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTFORMER_ARCH=native -DCTFORMER_SANITIZE=ON \
   -DCTFORMER_ENABLE_CUDA=OFF -DCTFORMER_BUILD_BENCHMARKS=OFF -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
 sanitize_targets=$(cd tests/unit && ls io/test_*.cpp infer/test_*.cpp quant/test_*.cpp compress/test_*.cpp \
-  train/test_*.cpp 2>/dev/null | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')
+  train/test_*.cpp serve/test_*.cpp 2>/dev/null | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')
 cmake --build "$build-sanitize" -j "$jobs" --target $sanitize_targets
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir "$build-sanitize" --output-on-failure -j "$jobs" -R "^($(echo $sanitize_targets | tr ' ' '|'))$"

@@ -22,6 +22,13 @@ inline std::string checkpoint_config(const std::string& path) {
                                            : io::read_checkpoint_metadata(path).config_json;
 }
 
+/// How many tokens a tokenizer has (the model's vocabulary may be padded past it).
+template <class Tokenizer>
+index_t tokenizer_vocabulary(const Tokenizer& tokenizer) {
+  if constexpr (requires { tokenizer.vocab_size(); }) return index_t(tokenizer.vocab_size());
+  else return index_t(Tokenizer::vocab_size);
+}
+
 /// Builds the inference model of `path` (KV cache policy Kv) and calls
 /// use(model, tokenizer) with it; returns what use returns.
 /// @param max_chunk the most rows one forward call holds (0: the model's default)

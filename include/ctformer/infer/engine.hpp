@@ -60,6 +60,10 @@ struct engine_options {
   /// The text of a token (bytes, maybe part of a UTF-8 character): needed
   /// for stop strings and the events' text; without it events carry tokens only.
   std::function<std::string(std::int32_t)> token_text;
+  /// Tokens [0, sampled_vocabulary) may be drawn (0: all of the model's).
+  /// A model whose vocabulary is padded past its tokenizer's (to a multiple
+  /// of the GEMM tile) sets the tokenizer's size here.
+  index_t sampled_vocabulary = 0;
 };
 
 namespace detail {
@@ -294,11 +298,17 @@ class engine {
   static options checked(options o) {
     if (o.queue_capacity <= 0) throw invalid_input("ctformer::infer::engine: queue_capacity must be positive");
     if (o.cache_capacity < 0) throw invalid_input("ctformer::infer::engine: cache_capacity must be >= 0");
+    if (o.sampled_vocabulary < 0 || o.sampled_vocabulary > Model::vocab)
+      throw invalid_input("ctformer::infer::engine: sampled_vocabulary is " + std::to_string(o.sampled_vocabulary) +
+                          "; it must be in [0, " + std::to_string(Model::vocab) + "] (0: the whole vocabulary)");
     return o;
   }
   static index_t cache_capacity_of(const options& o) {
     if (o.cache_capacity > 0) return o.cache_capacity;
     return cache_type::paged ? Batching::max_requests * Model::max_seq : Batching::max_requests;
+  }
+  index_t sampled_vocabulary() const {
+    return options_.sampled_vocabulary > 0 ? options_.sampled_vocabulary : index_t(Model::vocab);
   }
   static std::string name_of(const request& r) { return r.id.empty() ? std::string("(no id)") : "'" + r.id + "'"; }
 
@@ -318,9 +328,9 @@ class engine {
     };
     if (r.prompt.empty()) fail("the prompt is empty");
     for (std::size_t i = 0; i < r.prompt.size(); ++i)
-      if (r.prompt[i] < 0 || r.prompt[i] >= Model::vocab)
+      if (r.prompt[i] < 0 || r.prompt[i] >= sampled_vocabulary())
         fail("prompt token " + std::to_string(i) + " is " + std::to_string(r.prompt[i]) +
-             ", outside the vocabulary [0, " + std::to_string(Model::vocab) + ")");
+             ", outside the vocabulary [0, " + std::to_string(sampled_vocabulary()) + ")");
     if (index_t(r.prompt.size()) >= Model::max_seq)
       fail("the prompt has " + std::to_string(r.prompt.size()) + " tokens, but the model's context holds " +
            std::to_string(Model::max_seq) + " positions with room for one new token");
@@ -335,7 +345,7 @@ class engine {
       fail(e.what());
     }
     for (std::int32_t t : r.end_tokens)
-      if (t < 0 || t >= Model::vocab) fail("end token " + std::to_string(t) + " is outside the vocabulary");
+      if (t < 0 || t >= sampled_vocabulary()) fail("end token " + std::to_string(t) + " is outside the vocabulary");
     for (const std::string& s : r.stop_strings)
       if (s.empty()) fail("a stop string is empty");
     if (!r.stop_strings.empty() && !options_.token_text)
@@ -556,7 +566,8 @@ class engine {
       sample_run& r = *p.run;
       r.cached += p.count;
       if (r.cached != index_t(r.tokens.size())) continue;
-      const std::span<const float> row_logits(logits.data() + row * Model::vocab, std::size_t(Model::vocab));
+      // Only the tokenizer's tokens: a padded vocabulary's extra logits never win.
+      const std::span<const float> row_logits(logits.data() + row * Model::vocab, std::size_t(sampled_vocabulary()));
       ++row;
       if (r.forks_pending > 0) fork_samples(r, row_logits, t);
       draw_token(r, row_logits, t);

@@ -471,3 +471,21 @@ TEST_CASE("under concurrent submits and cancels every accepted request ends, and
   CHECK(m.requests_finished_error == 0);
   CHECK(m.kv_cache_usage == 0.0);
 }
+
+TEST_CASE("sampled_vocabulary keeps a padded vocabulary's extra tokens out of every sample", "[infer][engine]") {
+  using model_type = infer::inference_model<infer_gpt, quant::fp32, infer::kv::paged<8, float>>;
+  fixture<infer_gpt> f;
+  model_type model(f.trained, 64, cpu::par.with_threads(1));
+  infer::engine<model_type, infer::continuous_batching<4>> engine(model, {.sampled_vocabulary = 10});
+  // Hot sampling over 96 logits would draw a token >= 10 almost every step.
+  infer::request r{.prompt = {1, 2, 3}, .sampling = {.temperature = 2.0f, .seed = 5}, .max_tokens = 40, .n = 3};
+  const auto result = engine.submit(r).wait();
+  for (const auto& c : result.completions) {
+    CHECK(c.tokens.size() == 40);
+    for (auto t : c.tokens) CHECK(t < 10);
+  }
+  CHECK_THROWS_WITH(engine.submit(infer::request{.prompt = {1, 50}, .id = "padded"}),
+                    Catch::Contains("'padded'") && Catch::Contains("outside the vocabulary [0, 10)"));
+  using engine_type = infer::engine<model_type, infer::continuous_batching<4>>;
+  CHECK_THROWS_AS(engine_type(model, {.sampled_vocabulary = 97}), invalid_input);
+}
