@@ -27,6 +27,7 @@
 
 #include "../common/open_model.hpp"
 #include "ctformer/infer/engine.hpp"
+#include "ctformer/io/safetensors.hpp"
 
 using namespace ctformer;
 using json = nlohmann::json;
@@ -95,13 +96,7 @@ class output_file {
   void write(const json& record) {
     std::string text = record.dump(-1, ' ', false, json::error_handler_t::replace);
     text += '\n';
-    std::size_t done = 0;
-    while (done < text.size()) {
-      const ssize_t n = ::write(fd_, text.data() + done, text.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) throw io_error("batch_infer: cannot write to " + path_);
-      done += std::size_t(n);
-    }
+    io::detail::write_all(fd_, text.data(), text.size(), path_);  // one write() unless the kernel splits it
     ++records_;
     // What a kill cannot lose is in the kernel already; fsync now and then
     // for a machine that loses power.
@@ -370,14 +365,8 @@ int run(const options& o, Model& model, const Tokenizer& tokenizer) {
                        {"time_to_first_token_p50_seconds", m.time_to_first_token.p50},
                        {"time_per_output_token_p50_seconds", m.time_per_output_token.p50},
                        {"weight_format", std::string(Model::format::name)}};
-    const std::string temporary = o.summary_json + ".tmp";
-    {
-      std::ofstream s(temporary);
-      s << summary.dump(2) << "\n";
-      if (!s) throw io_error("batch_infer: cannot write " + temporary);
-    }
-    if (std::rename(temporary.c_str(), o.summary_json.c_str()) != 0)
-      throw io_error("batch_infer: cannot rename " + temporary + " to " + o.summary_json);
+    const std::string text = summary.dump(2) + "\n";
+    io::detail::atomic_write(o.summary_json, [&](int fd) { io::detail::write_all(fd, text.data(), text.size(), o.summary_json); });
   }
   return 0;
 }

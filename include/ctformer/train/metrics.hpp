@@ -74,7 +74,7 @@ class jsonl_writer {
 inline bool is_terminal(std::FILE* stream) { return stream && ::isatty(::fileno(stream)) == 1; }
 
 /// A one-line progress bar redrawn in place with '\r':
-///   [#########...........]  450/2000  loss 1.9321  12345 tok/s
+///   [#########...........]  <step>/<steps>  loss <loss>  <tokens/s> tok/s
 /// Drawn only when the stream is a terminal, so logs and pipes stay clean.
 class progress_bar {
  public:

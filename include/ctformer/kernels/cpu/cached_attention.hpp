@@ -502,8 +502,9 @@ void attend_tile(query_state& st, index_t h0, index_t h1, index_t group, const k
     for (index_t h = h0; h < h1; ++h)
       for (index_t key = begin; key < end; key += 8) {
         // fp32 keys (four cache lines a row at d = 64) are asked for two
-        // groups ahead: 1.3-1.5x faster from DRAM (bench_cached_attention,
-        // Zen 4); bf16 and int8 keys measured slower with the hint.
+        // groups ahead, since the hardware prefetcher cannot follow the block
+        // table; bf16 and int8 rows are short enough that the hint costs more
+        // than it saves (docs/performance.md, cached attention).
         if constexpr (std::is_same_v<E, float>)
           if (key + 16 < end) prefetch_bytes(kv.k + slot[key + 16] + (h / group) * kv.head_stride, 8 * d * index_t(sizeof(E)));
         score_group(h, key, std::min<index_t>(8, end - key));
