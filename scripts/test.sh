@@ -2,9 +2,9 @@
 # The test suite: installs dependencies, builds and runs every CPU test in the
 # native build, the kernel tests again in the portable (no SIMD flags) build,
 # compiles the AVX-512 kernel tests (and runs them where the CPU has AVX-512),
-# compiles and runs the kernel and inference tests again in an AVX2 build
-# (the paths of CPUs without AVX-512), runs the bad-input tests under
-# AddressSanitizer and UBSan,
+# compiles and runs the kernel and inference-forward tests again in an AVX2
+# build (the paths of CPUs without AVX-512), runs the bad-input and
+# memory-managing tests under AddressSanitizer and UBSan,
 # compiles every CUDA source for sm_80 and sm_90 (and runs the CUDA tests
 # where a GPU is present), and builds examples/consumer against an installed
 # ctformer.
@@ -13,6 +13,10 @@ cd "$(dirname "$0")/.."
 ./scripts/install_dependencies.sh
 jobs=${CTFORMER_JOBS:-$(nproc)}
 export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/ccache}
+# Paths inside the checkout hash relative to it, so a fresh clone elsewhere
+# reuses the objects an earlier checkout compiled.
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD}
+export CCACHE_NOHASHDIR=${CCACHE_NOHASHDIR:-1}
 build=${CTFORMER_BUILD_DIR:-build}
 
 echo "== Python for the server's end-to-end test: a virtual environment with the openai client (PyPI)"
@@ -49,7 +53,9 @@ fi
 echo "== AVX2 build: kernel and inference tests (the code paths of CPUs without AVX-512)"
 cmake -S . -B "$build-avx2" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ARCH=avx2 -DCTFORMER_ENABLE_CUDA=OFF \
   -DCTFORMER_BUILD_BENCHMARKS=OFF -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
-avx2_targets="$portable_targets $(cd tests/unit && ls infer/test_*.cpp | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')"
+# The inference tests whose forward runs the SIMD kernels (GEMM, quantized
+# GEMV, attention); the engine, sampler and metrics tests hold no ISA code.
+avx2_targets="$portable_targets infer_test_inference_model infer_test_batch infer_test_generate infer_test_kv_write infer_test_sliding_window"
 cmake --build "$build-avx2" -j "$jobs" --target $avx2_targets
 if grep -q -w avx2 /proc/cpuinfo && grep -q -w fma /proc/cpuinfo; then
   ctest --test-dir "$build-avx2" --output-on-failure -j "$jobs" -R "^($(echo $avx2_targets | tr ' ' '|'))$"
@@ -57,11 +63,15 @@ else
   echo "   this CPU has no AVX2: the AVX2 tests were compiled, not run"
 fi
 
-echo "== AddressSanitizer + UBSan: the tests that feed bad input (io, infer, quant, compress, train, serve)"
-cmake -S . -B "$build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCTFORMER_ARCH=native -DCTFORMER_SANITIZE=ON \
+echo "== AddressSanitizer + UBSan: the tests that feed bad input or manage memory by hand"
+# -O1 -g1 halves the instrumented compile against -O2 -g and keeps line numbers
+# in the reports; assertions stay on.
+cmake -S . -B "$build-sanitize" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1" \
+  -DCTFORMER_ARCH=native -DCTFORMER_SANITIZE=ON \
   -DCTFORMER_ENABLE_CUDA=OFF -DCTFORMER_BUILD_BENCHMARKS=OFF -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
-sanitize_targets=$(cd tests/unit && ls io/test_*.cpp infer/test_*.cpp quant/test_*.cpp compress/test_*.cpp \
-  train/test_*.cpp serve/test_*.cpp 2>/dev/null | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')
+sanitize_targets="$(cd tests/unit && ls io/test_*.cpp serve/test_*.cpp 2>/dev/null | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cpp$#\1_\2#')
+  quant_test_formats compress_test_post_training_quantization train_test_resume
+  infer_test_engine infer_test_batch infer_test_kv_cache"
 cmake --build "$build-sanitize" -j "$jobs" --target $sanitize_targets
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
   ctest --test-dir "$build-sanitize" --output-on-failure -j "$jobs" -R "^($(echo $sanitize_targets | tr ' ' '|'))$"
@@ -70,7 +80,10 @@ if command -v nvcc >/dev/null; then
   echo "== CUDA build: every .cu for sm_80 and sm_90"
   cmake -S . -B "$build-cuda" -DCMAKE_BUILD_TYPE=Release -DCTFORMER_ENABLE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="80;90" \
     -DCTFORMER_BUILD_EXAMPLES=OFF >/dev/null
-  cmake --build "$build-cuda" -j "$jobs"
+  # Only the CUDA programs: the CPU tests were built and run above.
+  cuda_targets="$(cd tests/unit && ls */test_*.cu | sed -E 's#^([a-z_]+)/(test_[a-z0-9_]+)\.cu$#\1_\2_cuda#')
+    $(cd bench && ls */bench_*.cu | sed -E 's#^[a-z_]+/(bench_[a-z0-9_]+)\.cu$#\1#')"
+  cmake --build "$build-cuda" -j "$jobs" --target $cuda_targets
   if nvidia-smi -L >/dev/null 2>&1; then
     ctest --test-dir "$build-cuda" --output-on-failure -L cuda
   else
