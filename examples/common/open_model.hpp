@@ -1,10 +1,11 @@
 // Opens a checkpoint for inference, as every inference tool does: a
 // train_gpt checkpoint (fp32) or a quantized one from `quantize` (its packed
 // weights as stored), with the tokenizer it was trained with. The file's
-// configuration and weight format pick the compile-time model type once;
-// nothing after that dispatches at run time.
+// configuration, weight format and tokenizer kind pick the compile-time model
+// type once, from its metadata; nothing after that dispatches at run time.
 #pragma once
 
+#include <concepts>
 #include <string>
 
 #include "presets.hpp"
@@ -16,11 +17,24 @@
 
 namespace ctformer::examples {
 
-/// The configuration JSON stored in a checkpoint of either kind.
-inline std::string checkpoint_config(const std::string& path) {
-  return io::is_quantized_checkpoint(path) ? io::read_quantized_checkpoint_metadata(path).config_json
-                                           : io::read_checkpoint_metadata(path).config_json;
+/// The metadata of a checkpoint of either kind.
+struct checkpoint_kind {
+  bool quantized = false;
+  std::string weight_format = "fp32";
+  std::string config_json, vocabulary;
+};
+
+inline checkpoint_kind read_checkpoint_kind(const std::string& path) {
+  if (io::is_quantized_checkpoint(path)) {
+    auto meta = io::read_quantized_checkpoint_metadata(path);
+    return {true, std::move(meta.weight_format), std::move(meta.config_json), std::move(meta.vocabulary)};
+  }
+  auto meta = io::read_checkpoint_metadata(path);
+  return {false, "fp32", std::move(meta.config_json), std::move(meta.vocabulary)};
 }
+
+/// The configuration JSON stored in a checkpoint of either kind.
+inline std::string checkpoint_config(const std::string& path) { return read_checkpoint_kind(path).config_json; }
 
 /// How many tokens a tokenizer has (the model's vocabulary may be padded past it).
 template <class Tokenizer>
@@ -29,33 +43,57 @@ index_t tokenizer_vocabulary(const Tokenizer& tokenizer) {
   else return index_t(Tokenizer::vocab_size);
 }
 
+/// Calls f.template operator()<Tokenizer>() for the tokenizer a checkpoint's
+/// vocabulary was serialized from.
+template <class F>
+decltype(auto) visit_tokenizer(const std::string& vocabulary, F&& f) {
+  if (vocabulary.find("\"byte\"") != std::string::npos) return f.template operator()<io::byte_tokenizer>();
+  return f.template operator()<io::char_tokenizer>();
+}
+
+/// Decides the inference model type of `path` (KV cache policy Kv) from its
+/// metadata alone and calls use.template operator()<Model, Tokenizer>(open);
+/// open(f) reads the weights, builds the model and calls f(model, tokenizer).
+/// A tool can so set up what depends on the type (a server listening,
+/// answering "loading") before the slow part. Returns what use returns.
+/// @param max_chunk the most rows one forward call holds (0: the model's default)
+template <class Kv, class Use>
+int with_inference_model_type(const std::string& path, cpu::par_t exec, index_t max_chunk, Use&& use) {
+  const checkpoint_kind kind = read_checkpoint_kind(path);
+  return visit_config(kind.config_json, [&]<class Cfg>() {
+    auto with_format = [&]<class Format>() {
+      using model_type = infer::inference_model<Cfg, Format, Kv>;
+      const index_t rows = max_chunk > 0 ? max_chunk : model_type::default_max_chunk;
+      return visit_tokenizer(kind.vocabulary, [&]<class Tokenizer>() {
+        auto open = [&](auto&& with_model) {
+          const Tokenizer tokenizer = Tokenizer::deserialize(kind.vocabulary);
+          if constexpr (std::same_as<Format, quant::fp32>) {
+            if (!kind.quantized) {
+              nn::model<Cfg, cpu::par_t> trained(exec);
+              io::load_model_parameters(path, trained);
+              model_type model(trained, rows, exec);
+              return with_model(model, tokenizer);
+            }
+          }
+          const io::quantized_checkpoint_source<Cfg, Format> source(path);
+          model_type model(source, rows, exec);
+          return with_model(model, tokenizer);
+        };
+        return use.template operator()<model_type, Tokenizer>(open);
+      });
+    };
+    if (kind.quantized) return io::visit_weight_format(kind.weight_format, with_format);
+    return with_format.template operator()<quant::fp32>();
+  });
+}
+
 /// Builds the inference model of `path` (KV cache policy Kv) and calls
 /// use(model, tokenizer) with it; returns what use returns.
 /// @param max_chunk the most rows one forward call holds (0: the model's default)
 template <class Kv, class Use>
 int with_inference_model(const std::string& path, cpu::par_t exec, index_t max_chunk, Use&& use) {
-  return visit_config(checkpoint_config(path), [&]<class Cfg>() {
-    auto with_tokenizer = [&]<class Format>(infer::inference_model<Cfg, Format, Kv>& model,
-                                            const std::string& vocabulary) {
-      if (vocabulary.find("\"byte\"") != std::string::npos) return use(model, io::byte_tokenizer::deserialize(vocabulary));
-      return use(model, io::char_tokenizer::deserialize(vocabulary));
-    };
-    auto rows = [&]<class Format>() {
-      return max_chunk > 0 ? max_chunk : infer::inference_model<Cfg, Format, Kv>::default_max_chunk;
-    };
-    if (io::is_quantized_checkpoint(path)) {
-      const auto meta = io::read_quantized_checkpoint_metadata(path);
-      return io::visit_weight_format(meta.weight_format, [&]<class Format>() {
-        const io::quantized_checkpoint_source<Cfg, Format> source(path);
-        infer::inference_model<Cfg, Format, Kv> model(source, rows.template operator()<Format>(), exec);
-        return with_tokenizer.template operator()<Format>(model, source.vocabulary());
-      });
-    }
-    nn::model<Cfg, cpu::par_t> trained(exec);
-    const auto meta = io::load_model_parameters(path, trained);
-    infer::inference_model<Cfg, quant::fp32, Kv> model(trained, rows.template operator()<quant::fp32>(), exec);
-    return with_tokenizer.template operator()<quant::fp32>(model, meta.vocabulary);
-  });
+  return with_inference_model_type<Kv>(path, exec, max_chunk,
+                                       [&]<class Model, class Tokenizer>(auto open) { return open(use); });
 }
 
 }  // namespace ctformer::examples

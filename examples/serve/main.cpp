@@ -6,6 +6,7 @@
 #include <CLI/CLI.hpp>
 #include <signal.h>
 
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -53,26 +54,42 @@ int main(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   try {
-    serve::server http({.model_name = o.model_name,
-                        .retry_after_seconds = o.retry_after,
-                        .default_max_tokens = o.default_max_tokens});
-    const int port = http.bind(o.host, o.port);
-    std::printf("serve: listening on http://%s:%d (loading %s)\n", o.host.c_str(), port, o.checkpoint.c_str());
-    std::fflush(stdout);
-    std::thread listener([&] { http.run(); });
-    std::thread([&http, stop_signals] {
-      int signal_number = 0;
-      sigwait(&stop_signals, &signal_number);
-      std::printf("serve: %s: finishing the requests in flight\n", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
-      std::fflush(stdout);
-      http.stop();
-    }).detach();
+    return examples::with_inference_model_type<kv_cache>(
+        o.checkpoint, cpu::par.with_threads(o.threads), 0, [&]<class Model, class Tokenizer>(auto open) {
+          using engine_type = infer::engine<Model, batching>;
+          using backend_type = serve::engine_backend<engine_type, Tokenizer>;
+          serve::server<backend_type> http({.model_name = o.model_name,
+                                            .retry_after_seconds = o.retry_after,
+                                            .default_max_tokens = o.default_max_tokens});
+          const int port = http.bind(o.host, o.port);
+          std::printf("serve: listening on http://%s:%d (loading %s)\n", o.host.c_str(), port, o.checkpoint.c_str());
+          std::fflush(stdout);
+          std::thread listener([&] { http.run(); });
+          std::atomic<bool> exiting = false;
+          std::thread signals([&] {
+            int signal_number = 0;
+            sigwait(&stop_signals, &signal_number);
+            if (exiting) return;
+            std::printf("serve: %s: finishing the requests in flight\n", signal_number == SIGTERM ? "SIGTERM" : "SIGINT");
+            std::fflush(stdout);
+            http.stop();
+          });
+          // However this scope ends (stopped, or the weights failed to
+          // load), the listener and the signal thread end before the server.
+          struct join_on_exit {
+            serve::server<backend_type>& http;
+            std::thread &listener, &signals;
+            std::atomic<bool>& exiting;
+            ~join_on_exit() {
+              http.stop();
+              if (listener.joinable()) listener.join();
+              exiting = true;
+              pthread_kill(signals.native_handle(), SIGTERM);  // blocked everywhere: only its sigwait takes it
+              signals.join();
+            }
+          } joiner{http, listener, signals, exiting};
 
-    int status = 0;
-    try {
-      status = examples::with_inference_model<kv_cache>(
-          o.checkpoint, cpu::par.with_threads(o.threads), 0, [&](auto& model, const auto& tokenizer) {
-            using model_type = std::remove_cvref_t<decltype(model)>;
+          return open([&](Model& model, const Tokenizer& tokenizer) {
             infer::engine_options engine_options;
             engine_options.queue_capacity = o.queue_capacity;
             engine_options.token_text = [&](std::int32_t t) {
@@ -80,25 +97,18 @@ int main(int argc, char** argv) {
               return tokenizer.decode(one);
             };
             engine_options.sampled_vocabulary =
-                std::min(index_t(model_type::vocab), examples::tokenizer_vocabulary(tokenizer));
-            infer::engine<model_type, batching> engine(model, engine_options);
-            serve::engine_backend<decltype(engine), std::remove_cvref_t<decltype(tokenizer)>> backend(
-                engine, tokenizer, model_type::max_seq);
+                std::min(index_t(Model::vocab), examples::tokenizer_vocabulary(tokenizer));
+            engine_type engine(model, engine_options);
+            backend_type backend(engine, tokenizer, Model::max_seq);
             http.attach(backend);
             std::printf("serve: model '%s' ready (%s weights, context %d)\n", o.model_name.c_str(),
-                        std::string(model_type::format::name).c_str(), int(model_type::max_seq));
+                        std::string(Model::format::name).c_str(), int(Model::max_seq));
             std::fflush(stdout);
             listener.join();  // until a signal stops the server and its streams end
+            std::printf("serve: stopped\n");
             return 0;
           });
-    } catch (...) {
-      http.stop();
-      if (listener.joinable()) listener.join();
-      throw;
-    }
-    if (listener.joinable()) listener.join();
-    std::printf("serve: stopped\n");
-    return status;
+        });
   } catch (const ctformer::error& e) {
     std::fprintf(stderr, "%s\n", e.what());
     return 1;

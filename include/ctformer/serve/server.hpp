@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <concepts>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -22,35 +23,35 @@
 
 namespace ctformer::serve {
 
-/// What the server needs of a loaded model and its engine. The server is
-/// compiled once for every model: the model's types stay behind this
-/// request-level interface, and the kernels below it dispatch on nothing.
-class backend {
- public:
-  virtual ~backend() = default;
-  /// Throws invalid_input for text the tokenizer cannot encode.
-  virtual std::vector<std::int32_t> encode(const std::string& text) const = 0;
-  virtual std::string token_text(std::int32_t token) const = 0;
-  virtual std::int64_t context_length() const = 0;
-  /// Throws invalid_input, infer::queue_full, or error once the engine stopped.
-  virtual infer::request_handle submit(infer::request r) = 0;
-  virtual const infer::metrics& metrics() const = 0;
+/// What the server needs of a loaded model and its engine: tokenize, submit,
+/// read the metrics. Request-level calls, a few per request; the kernels
+/// below them dispatch on nothing.
+///   encode(text)         throws invalid_input for text the tokenizer cannot encode;
+///   submit(request)      throws invalid_input, infer::queue_full, or error once the engine stopped.
+template <class Backend>
+concept request_backend = requires(Backend& b, const Backend& c, const std::string& text, std::int32_t token,
+                                   infer::request r) {
+  { c.encode(text) } -> std::convertible_to<std::vector<std::int32_t>>;
+  { c.token_text(token) } -> std::convertible_to<std::string>;
+  { c.context_length() } -> std::convertible_to<std::int64_t>;
+  { b.submit(std::move(r)) } -> std::same_as<infer::request_handle>;
+  { c.metrics() } -> std::same_as<const infer::metrics&>;
 };
 
 /// A backend over an engine and the tokenizer its model was trained with.
 template <class Engine, class Tokenizer>
-class engine_backend final : public backend {
+class engine_backend {
  public:
   engine_backend(Engine& engine, const Tokenizer& tokenizer, std::int64_t context)
       : engine_(engine), tokenizer_(tokenizer), context_(context) {}
-  std::vector<std::int32_t> encode(const std::string& text) const override { return tokenizer_.encode(text); }
-  std::string token_text(std::int32_t token) const override {
+  std::vector<std::int32_t> encode(const std::string& text) const { return tokenizer_.encode(text); }
+  std::string token_text(std::int32_t token) const {
     const std::int32_t one[] = {token};
     return tokenizer_.decode(one);
   }
-  std::int64_t context_length() const override { return context_; }
-  infer::request_handle submit(infer::request r) override { return engine_.submit(std::move(r)); }
-  const infer::metrics& metrics() const override { return engine_.metrics(); }
+  std::int64_t context_length() const { return context_; }
+  infer::request_handle submit(infer::request r) { return engine_.submit(std::move(r)); }
+  const infer::metrics& metrics() const { return engine_.metrics(); }
 
  private:
   Engine& engine_;
@@ -70,7 +71,14 @@ struct server_options {
   std::chrono::milliseconds keep_alive{500};
 };
 
+/// Listens from construction; answers 503 until attach() gives it a loaded
+/// backend, so a client can wait on /health while the weights load.
+template <class Backend>
 class server {
+  static_assert(request_backend<Backend>,
+                "serve::server<Backend>: Backend must provide encode(text), token_text(token), context_length(), "
+                "submit(infer::request) returning an infer::request_handle, and metrics() (see request_backend)");
+
  public:
   explicit server(server_options o = {}) : options_(std::move(o)) {
     ::signal(SIGPIPE, SIG_IGN);  // a client gone mid-write is an error return, not the process's end
@@ -82,12 +90,12 @@ class server {
       reply(res, 200, json{{"status", "ok"}});
     });
     http_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-      backend* b = ready();
+      Backend* b = ready();
       if (!b) return reply(res, 503, api_error(503, "the model is still loading", {}, "unavailable").body());
       res.set_content(b->metrics().prometheus_text(std::chrono::steady_clock::now()), "text/plain; version=0.0.4");
     });
     http_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
-      backend* b = ready();
+      Backend* b = ready();
       if (!b) return reply(res, 503, api_error(503, "the model is still loading", {}, "unavailable").body());
       reply(res, 200,
             json{{"object", "list"},
@@ -128,7 +136,7 @@ class server {
     run_ended_ = true;
   }
   /// The model is loaded: /health answers 200 and requests are taken.
-  void attach(backend& b) { backend_.store(&b); }
+  void attach(Backend& b) { backend_.store(&b); }
   /// Stops accepting connections; run() returns when those in flight end.
   /// Safe from any thread, before run() too (run() then returns at once).
   void stop() {
@@ -145,7 +153,7 @@ class server {
   bool running() const { return http_.is_running(); }
 
  private:
-  backend* ready() const { return backend_.load(); }
+  Backend* ready() const { return backend_.load(); }
 
   static void reply(httplib::Response& res, int status, const json& body) {
     res.status = status;
@@ -163,7 +171,7 @@ class server {
   };
 
   void handle(endpoint kind, const httplib::Request& req, httplib::Response& res) {
-    backend* b = ready();
+    Backend* b = ready();
     if (!b) {
       res.set_header("Retry-After", std::to_string(options_.retry_after_seconds));
       return reply(res, 503, api_error(503, "the model is still loading", {}, "unavailable").body());
@@ -214,7 +222,7 @@ class server {
 
   // A request answered in one response.
   static void whole(httplib::Response& res, infer::request_handle& handle, const api_request& r,
-                    const response_header& header, backend& b) {
+                    const response_header& header, Backend& b) {
     std::vector<std::vector<infer::stream_event>> tokens(std::size_t(r.request.n));
     while (auto e = handle.next())
       if (!e->finished && r.request.logprobs) tokens[std::size_t(e->index)].push_back(std::move(*e));
@@ -235,7 +243,7 @@ class server {
 
   // A request streamed as server-sent events; a client gone cancels it.
   void stream(httplib::Response& res, infer::request_handle handle, api_request r, response_header header,
-              backend& b) {
+              Backend& b) {
     auto state = std::make_shared<stream_state>();
     state->handle = std::move(handle);
     state->request = std::move(r);
@@ -247,7 +255,7 @@ class server {
     res.set_chunked_content_provider(
         "text/event-stream",
         [state, keep_alive, source = &b](std::size_t, httplib::DataSink& sink) {
-          backend& b = *source;
+          Backend& b = *source;
           const api_request& r = state->request;
           auto send = [&](const json& chunk) {
             const std::string event = "data: " + dump(chunk) + "\n\n";
@@ -315,7 +323,7 @@ class server {
 
   server_options options_;
   httplib::Server http_;
-  std::atomic<backend*> backend_{nullptr};
+  std::atomic<Backend*> backend_{nullptr};
   std::mutex run_mutex_;
   bool stop_requested_ = false, run_started_ = false;
   std::atomic<bool> run_ended_{false};

@@ -83,7 +83,7 @@ struct live_server {
   model_type model;
   engine_type engine;
   serve::engine_backend<engine_type, ascii_tokenizer> backend;
-  serve::server http;
+  serve::server<decltype(backend)> http;
   int port;
   std::thread thread;
 };
@@ -259,19 +259,20 @@ TEST_CASE("bad requests get 400 with an OpenAI error object naming the field", "
 
 namespace {
 // A backend whose queue is always full: the server's answer to queue_full.
-struct full_backend final : serve::backend {
-  std::vector<std::int32_t> encode(const std::string& text) const override { return ascii_tokenizer{}.encode(text); }
-  std::string token_text(std::int32_t t) const override { return std::string(1, ascii_tokenizer::char_of(t)); }
-  std::int64_t context_length() const override { return 48; }
-  infer::request_handle submit(infer::request) override { throw infer::queue_full("the queue is full, retry later"); }
-  const infer::metrics& metrics() const override { return m; }
+struct full_backend {
+  std::vector<std::int32_t> encode(const std::string& text) const { return ascii_tokenizer{}.encode(text); }
+  std::string token_text(std::int32_t t) const { return std::string(1, ascii_tokenizer::char_of(t)); }
+  std::int64_t context_length() const { return 48; }
+  infer::request_handle submit(infer::request) { throw infer::queue_full("the queue is full, retry later"); }
+  const infer::metrics& metrics() const { return m; }
   infer::metrics m;
 };
 }  // namespace
 
 TEST_CASE("a full queue is answered 429 with Retry-After", "[serve]") {
   full_backend full;
-  serve::server http({.model_name = "tiny", .retry_after_seconds = 3});
+  static_assert(serve::request_backend<full_backend>);
+  serve::server<full_backend> http({.model_name = "tiny", .retry_after_seconds = 3});
   const int port = http.bind("127.0.0.1", 0);
   std::thread runner([&] { http.run(); });
   http.attach(full);
