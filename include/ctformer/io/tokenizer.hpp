@@ -1,5 +1,6 @@
-// Tokenizers: byte-level (256 ids, any input) and character-level (the
-// distinct bytes of a training text), both serialisable for checkpoints.
+// Tokenizers: byte-level (256 ids, any input), character-level (the
+// distinct bytes of a training text), and token ids written as text (for a
+// model that comes without its tokenizer); all serialisable for checkpoints.
 #pragma once
 
 #include <algorithm>
@@ -160,6 +161,66 @@ class char_tokenizer {
  private:
   std::string symbols_;
   std::array<std::int32_t, 256> id_of_;
+};
+
+/// For a model whose tokenizer is not at hand (a llama2.c file carries
+/// none): text is token ids separated by white space, "1 403 407", and each
+/// decoded token is " <id>", so what a tool prints reads back as input.
+class token_id_tokenizer {
+ public:
+  explicit token_id_tokenizer(int vocab_size = 0) : vocab_(vocab_size) {}
+  int vocab_size() const { return vocab_; }
+
+  /// Throws invalid_input naming the first word that is not an id in [0, vocab) and its byte offset.
+  std::vector<std::int32_t> encode(std::string_view text) const {
+    std::vector<std::int32_t> out;
+    std::size_t i = 0;
+    auto space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; };
+    while (i < text.size()) {
+      if (space(text[i])) {
+        ++i;
+        continue;
+      }
+      const std::size_t begin = i;
+      while (i < text.size() && !space(text[i])) ++i;
+      const std::string_view word = text.substr(begin, i - begin);
+      std::int64_t id = 0;
+      bool ok = word.size() <= 10;
+      for (char c : word) {
+        ok = ok && c >= '0' && c <= '9';
+        id = id * 10 + (c - '0');
+      }
+      if (!ok || id >= vocab_)
+        throw invalid_input("ctformer::io::token_id_tokenizer::encode: '" + std::string(word.substr(0, 40)) +
+                            "' at byte " + std::to_string(begin) + " is not a token id in [0, " +
+                            std::to_string(vocab_) + "): this model takes its prompt as ids, e.g. \"1 403 407\"");
+      out.push_back(std::int32_t(id));
+    }
+    return out;
+  }
+
+  /// Throws invalid_input naming an id outside the vocabulary and its position.
+  std::string decode(std::span<const std::int32_t> tokens) const {
+    std::string out;
+    for (std::size_t i = 0; i < tokens.size(); ++i) {
+      if (tokens[i] < 0 || tokens[i] >= vocab_) detail::bad_token("token_id_tokenizer", tokens[i], i, vocab_);
+      out += ' ' + std::to_string(tokens[i]);
+    }
+    return out;
+  }
+
+  /// {"type":"ids","vocab":512}
+  std::string serialize() const { return nlohmann::json{{"type", "ids"}, {"vocab", vocab_}}.dump(); }
+  static token_id_tokenizer deserialize(std::string_view text) {
+    nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || j.value("type", "") != "ids" || !j.contains("vocab") ||
+        !j["vocab"].is_number_integer() || j["vocab"].get<std::int64_t>() <= 0)
+      throw invalid_input("ctformer::io::token_id_tokenizer::deserialize: not a token-id tokenizer: " + std::string(text));
+    return token_id_tokenizer(j["vocab"].get<int>());
+  }
+
+ private:
+  int vocab_;
 };
 
 }  // namespace ctformer::io
