@@ -1,16 +1,21 @@
-// Opens a checkpoint for inference, as every inference tool does: a
-// train_gpt checkpoint (fp32) or a quantized one from `quantize` (its packed
-// weights as stored), with the tokenizer it was trained with. The file's
-// configuration, weight format and tokenizer kind pick the compile-time model
-// type once, from its metadata; nothing after that dispatches at run time.
+// Opens a model for inference, as every inference tool does: a train_gpt
+// checkpoint (fp32), a quantized one from `quantize` (its packed weights as
+// stored), a Hugging Face folder or a llama2.c file of a registered
+// pretrained shape, each with its tokenizer. The metadata (configuration,
+// weight format, tokenizer kind) picks the compile-time model type once;
+// nothing after that dispatches at run time.
 #pragma once
 
 #include <concepts>
+#include <filesystem>
 #include <string>
 
 #include "presets.hpp"
 #include "ctformer/infer/inference_model.hpp"
+#include "ctformer/io/bpe_tokenizer.hpp"
 #include "ctformer/io/checkpoint.hpp"
+#include "ctformer/io/hugging_face.hpp"
+#include "ctformer/io/llama2c.hpp"
 #include "ctformer/io/quantized_checkpoint.hpp"
 #include "ctformer/io/tokenizer.hpp"
 #include "ctformer/nn/nn.hpp"
@@ -51,6 +56,35 @@ decltype(auto) visit_tokenizer(const std::string& vocabulary, F&& f) {
   return f.template operator()<io::char_tokenizer>();
 }
 
+/// The tokenizer a Hugging Face folder comes with: tokenizer.json, or
+/// GPT-2's vocab.json and merges.txt.
+inline io::bpe_tokenizer hugging_face_tokenizer(const std::filesystem::path& folder) {
+  if (std::filesystem::exists(folder / "tokenizer.json"))
+    return io::bpe_tokenizer::from_tokenizer_json(folder / "tokenizer.json");
+  if (std::filesystem::exists(folder / "vocab.json") && std::filesystem::exists(folder / "merges.txt"))
+    return io::bpe_tokenizer::from_files(folder / "vocab.json", folder / "merges.txt");
+  throw invalid_input("'" + folder.string() + "' has no tokenizer: tokenizer.json, or vocab.json and merges.txt");
+}
+
+namespace detail {
+// A pretrained model: the configuration Cfg is registered, load(trained)
+// reads its weights into an fp32 nn::model.
+template <class Cfg, class Kv, class Use, class Load, class MakeTokenizer>
+int with_pretrained_model(cpu::par_t exec, index_t max_chunk, Use& use, Load load, MakeTokenizer make_tokenizer) {
+  using model_type = infer::inference_model<Cfg, quant::fp32, Kv>;
+  using tokenizer_type = typename Cfg::tokenizer;
+  const index_t rows = max_chunk > 0 ? max_chunk : model_type::default_max_chunk;
+  auto open = [&](auto&& with_model) {
+    const tokenizer_type tokenizer = make_tokenizer();
+    nn::model<Cfg, cpu::par_t> trained(exec);
+    load(trained);
+    model_type model(trained, rows, exec);
+    return with_model(model, tokenizer);
+  };
+  return use.template operator()<model_type, tokenizer_type>(open);
+}
+}  // namespace detail
+
 /// Decides the inference model type of `path` (KV cache policy Kv) from its
 /// metadata alone and calls use.template operator()<Model, Tokenizer>(open);
 /// open(f) reads the weights, builds the model and calls f(model, tokenizer).
@@ -59,6 +93,30 @@ decltype(auto) visit_tokenizer(const std::string& vocabulary, F&& f) {
 /// @param max_chunk the most rows one forward call holds (0: the model's default)
 template <class Kv, class Use>
 int with_inference_model_type(const std::string& path, cpu::par_t exec, index_t max_chunk, Use&& use) {
+  if (std::filesystem::is_directory(path)) {
+    const io::hugging_face_config config = io::read_hugging_face_config(path);
+    return visit_pretrained_config(config, path, [&]<class Cfg>() {
+      return detail::with_pretrained_model<Cfg, Kv>(
+          exec, max_chunk, use, [&](auto& trained) { io::load_hugging_face(path, trained); },
+          [&]() -> typename Cfg::tokenizer {
+            if constexpr (std::same_as<typename Cfg::tokenizer, io::bpe_tokenizer>) return hugging_face_tokenizer(path);
+            else return typename Cfg::tokenizer(Cfg::vocab);
+          });
+    });
+  }
+  if (io::is_llama2c_file(path)) {
+    const io::llama2c_header header = io::read_llama2c_header(path);
+    return visit_pretrained_config(header, path, [&]<class Cfg>() -> int {
+      if constexpr (std::same_as<typename Cfg::tokenizer, io::token_id_tokenizer>) {
+        return detail::with_pretrained_model<Cfg, Kv>(
+            exec, max_chunk, use, [&](auto& trained) { io::load_llama2c(path, trained); },
+            [] { return io::token_id_tokenizer(Cfg::vocab); });
+      } else {
+        throw invalid_input("'" + path + "': a llama2.c file carries no tokenizer, and " + Cfg::name +
+                            " needs its own");
+      }
+    });
+  }
   const checkpoint_kind kind = read_checkpoint_kind(path);
   return visit_config(kind.config_json, [&]<class Cfg>() {
     auto with_format = [&]<class Format>() {

@@ -34,7 +34,9 @@ using kv_cache = infer::kv::paged<16, float>;
 int main(int argc, char** argv) {
   options o;
   CLI::App app{"OpenAI-compatible server for a ctformer checkpoint"};
-  app.add_option("--checkpoint", o.checkpoint, "A train_gpt or quantize checkpoint")->required();
+  app.add_option("--checkpoint", o.checkpoint,
+                 "A train_gpt or quantize checkpoint, a Hugging Face model folder or a llama2.c file")
+      ->required();
   app.add_option("--host", o.host, "Address to listen on");
   app.add_option("--port", o.port, "Port to listen on (0: any free port, printed)");
   app.add_option("--model-name", o.model_name, "The model's name in requests (default: the checkpoint's file stem)");
@@ -43,7 +45,11 @@ int main(int argc, char** argv) {
   app.add_option("--retry-after", o.retry_after, "Retry-After seconds of a 429");
   app.add_option("--default-max-tokens", o.default_max_tokens, "Chat requests without max_tokens");
   CLI11_PARSE(app, argc, argv);
-  if (o.model_name.empty()) o.model_name = std::filesystem::path(o.checkpoint).stem().string();
+  if (o.model_name.empty()) {
+    std::string path = o.checkpoint;
+    while (path.size() > 1 && path.back() == '/') path.pop_back();  // a folder given as "gpt2/"
+    o.model_name = std::filesystem::path(path).stem().string();
+  }
 
   // Signals go to one thread that waits for them; every other thread
   // (started below) inherits the mask and never sees them.

@@ -816,20 +816,21 @@ class engine {
       event.text = std::move(tail);
       event.reason = reason;
       event.message = message;
-      state.events.push_back(std::move(event));
-      last = --state.open_samples == 0;
+      last = state.open_samples == 1;
       if (last) {
         const auto t = now();
         state.result.total_seconds = std::chrono::duration<double>(t - state.submitted).count();
         state.result.first_token_seconds =
             state.any_token ? std::chrono::duration<double>(state.first_token - state.submitted).count() : 0.0;
-        state.finished = true;
+        // The metrics count the request as ended before its caller can see
+        // it end, so a client that reads /metrics after its answer finds it there.
+        metrics_.observe_end_to_end(state.result.total_seconds);
+        if (state.started) metrics_.set_running(--running_requests_);
       }
+      state.events.push_back(std::move(event));
+      --state.open_samples;
+      state.finished = last;
       state.changed.notify_all();
-    }
-    if (last) {
-      metrics_.observe_end_to_end(state.result.total_seconds);
-      if (state.started) --running_requests_;
     }
   }
 

@@ -182,7 +182,7 @@ std::vector<std::string> configuration_mismatches(const hugging_face_config& c) 
   auto check = [&](const char* field, auto file_value, auto cfg_value) {
     if (file_value != cfg_value) {
       std::ostringstream s;
-      s << field << ": the file has " << file_value << ", the configuration " << cfg_value;
+      s << std::boolalpha << field << ": the file has " << file_value << ", the configuration " << cfg_value;
       out.push_back(s.str());
     }
   };

@@ -381,6 +381,25 @@ TEST_CASE("cancel ends a running request and a queued one; the engine goes on", 
   CHECK(engine.metrics().snapshot().kv_cache_usage == 0.0);
 }
 
+TEST_CASE("a request is counted as ended before its caller sees it end", "[infer][engine][metrics]") {
+  using model_type = infer::inference_model<infer_gpt, quant::fp32, infer::kv::paged<8, float>>;
+  fixture<infer_gpt> f;
+  model_type model(f.trained, 64, cpu::par.with_threads(1));
+  infer::engine<model_type, infer::continuous_batching<4>> engine(model);
+  // A client that reads the metrics right after its answer (a server's
+  // /metrics) finds every finished request there: none still running, each
+  // in the end-to-end histogram. Repeated, since a late update is a race.
+  for (int i = 1; i <= 20; ++i) {
+    INFO("request " << i);
+    engine.submit(infer::request{.prompt = {std::int32_t(i % 7)}, .max_tokens = 2}).wait();
+    const auto m = engine.metrics().snapshot();
+    CHECK(m.requests_running == 0);
+    CHECK(m.end_to_end.count == std::uint64_t(i));
+    CHECK(m.requests_finished_length == std::uint64_t(i));
+  }
+  engine.shutdown();
+}
+
 TEST_CASE("a full queue refuses a request explicitly; what was queued still runs", "[infer][engine]") {
   using model_type = infer::inference_model<infer_gpt, quant::fp32, infer::kv::paged<8, float>>;
   fixture<infer_gpt> f;
