@@ -184,10 +184,13 @@ class token_id_tokenizer {
       const std::size_t begin = i;
       while (i < text.size() && !space(text[i])) ++i;
       const std::string_view word = text.substr(begin, i - begin);
+      // Stops at the first digit that would pass the vocabulary, so a long
+      // run of digits cannot overflow.
       std::int64_t id = 0;
-      bool ok = word.size() <= 10;
+      bool ok = true;
       for (char c : word) {
-        ok = ok && c >= '0' && c <= '9';
+        ok = c >= '0' && c <= '9' && id < vocab_;
+        if (!ok) break;
         id = id * 10 + (c - '0');
       }
       if (!ok || id >= vocab_)
