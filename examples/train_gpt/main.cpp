@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -20,6 +21,7 @@
 #include "ctformer/ctformer.hpp"
 #include "ctformer/infer/sampler.hpp"
 #include "ctformer/io/model_checkpoint.hpp"
+#include "ctformer/io/quantized_checkpoint.hpp"
 #include "ctformer/io/text_dataset.hpp"
 #include "ctformer/io/tokenizer.hpp"
 #include "ctformer/nn/nn.hpp"
@@ -36,7 +38,8 @@ using examples::bytes_config;
 using examples::nanogpt_cpu_config;
 
 struct options {
-  std::string data, preset, precision = "fp32", save, resume, metrics, summary_json, prompt = "\n";
+  std::string data, preset, precision = "fp32", save, resume, init, metrics, summary_json, prompt = "\n";
+  std::vector<std::string> freeze;
   std::int64_t steps = -1, warmup = -1, eval_every = -1, checkpoint_every = 0, stop_after = 0;
   index_t batch_size = -1, sequence_length = -1;
   int accumulation = 1, eval_batches = 20, threads = 0, sample_tokens = 300, digits = 3;
@@ -159,10 +162,14 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
                         " distinct characters but preset '" + o.preset + "' holds " + std::to_string(Config::vocab) +
                         "; use --preset bytes");
   model_type model(exec, o.model_seed);
+  if (!o.init.empty() && io::load_model_parameters(o.init, model).vocabulary != tokenizer.serialize())
+    throw invalid_input("train_gpt: " + o.init + " was trained with another tokenizer than this run's");
+  if (!o.freeze.empty()) model.freeze(o.freeze);
+  const auto trainable = model.trainable_ranges();
   train::adamw_config adam;
   adam.beta2 = o.beta2;
   adam.weight_decay = o.weight_decay;
-  train::adamw<cpu::par_t> optimizer(exec, model.parameter_count(), adam);
+  train::adamw<cpu::par_t> optimizer(exec, model.parameter_count(), trainable, adam);
   train::warmup_cosine_schedule schedule{o.lr, o.min_lr, o.warmup, o.steps};
   train::trainer_settings settings;
   settings.batch_size = o.batch_size;
@@ -196,6 +203,14 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
               o.preset.c_str(), static_cast<long long>(model.parameter_count()), std::string(Precision::name).c_str(),
               exec.thread_count(), static_cast<long long>(o.steps), static_cast<long long>(settings.batch_size),
               static_cast<long long>(settings.sequence_length));
+  if (!o.init.empty()) std::printf("fine-tuning from %s with a fresh optimizer and schedule\n", o.init.c_str());
+  if (!o.freeze.empty()) {
+    std::size_t frozen_tensors = 0;
+    for (bool f : model.frozen()) frozen_tensors += f;
+    std::printf("frozen: %zu of %zu tensors; %lld of %lld parameters train; optimizer state %.1f MB\n",
+                frozen_tensors, model.frozen().size(), static_cast<long long>(optimizer.layout().state_size()),
+                static_cast<long long>(model.parameter_count()), double(optimizer.state_bytes()) / 1e6);
+  }
   std::optional<train::jsonl_writer> metrics;
   if (!o.metrics.empty()) metrics.emplace(o.metrics, !o.resume.empty());
   train::progress_bar bar(o.steps);
@@ -215,6 +230,16 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
       dataset->sample_validation_batch(fixed, in, out);
     }
   };
+
+  // A run that starts from trained weights says where it starts: the held-out
+  // loss before the first step, as step 0 (its training loss is null).
+  if (trainer.step_count() == 0 && !o.init.empty() && o.eval_batches > 0) {
+    train::step_metrics before;
+    before.loss = std::numeric_limits<double>::quiet_NaN();
+    before.val_loss = trainer.evaluate(heldout);
+    if (metrics) metrics->write(before);
+    if (!o.quiet) std::printf("step     0  val_loss %.4f (before fine-tuning)\n", *before.val_loss);
+  }
 
   const auto start = std::chrono::steady_clock::now();
   train::step_metrics last;
@@ -298,6 +323,16 @@ struct addition_tokenizer {
   std::string decode(std::span<const std::int32_t> t) const { return train::addition_task::to_text(t); }
 };
 
+// The compiled preset whose configuration a checkpoint holds.
+std::string preset_of_checkpoint(const std::string& path, const std::string& config_json) {
+  const auto config = nlohmann::json::parse(config_json, nullptr, false);
+  if (config == nlohmann::json::parse(nn::config_json<addition_config>())) return "addition";
+  if (config == nlohmann::json::parse(nn::config_json<nanogpt_cpu_config>())) return "nanogpt-cpu";
+  if (config == nlohmann::json::parse(nn::config_json<bytes_config>())) return "bytes";
+  throw invalid_input("train_gpt: " + path + " holds a model of none of the presets (addition, nanogpt-cpu, bytes): " +
+                      config_json);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -332,6 +367,12 @@ int main(int argc, char** argv) {
   app.add_option("--stop-after", o.stop_after, "Stop after this many steps, keeping the schedule of --steps "
                                               "(to resume later)");
   app.add_option("--resume", o.resume, "Continue from this checkpoint (bit-identical to an uninterrupted run)");
+  app.add_option("--init", o.init, "Fine-tune: start from this checkpoint's weights (its preset and tokenizer) with a "
+                                   "fresh optimizer, schedule and data")
+      ->excludes("--resume");
+  app.add_option("--freeze", o.freeze, "Parameters that do not train, as name patterns: '*' any text, [a-b] a "
+                                       "number in a range; e.g. 'token_embedding.*,blocks.[0-1].*,*norm.*'")
+      ->delimiter(',');
   app.add_option("--metrics", o.metrics, "Append per-step metrics here as JSON Lines");
   app.add_option("--summary-json", o.summary_json, "Write the final figures here as one JSON object");
   app.add_option("--sample-tokens", o.sample_tokens, "Characters to generate after training on text");
@@ -341,6 +382,18 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
 
   try {
+    // A run that continues (--resume) or fine-tunes (--init) a checkpoint takes
+    // its preset and tokenizer from the file: new text is tokenized with the
+    // vocabulary the weights were trained on.
+    std::optional<io::checkpoint_metadata> source;
+    if (!o.init.empty() || !o.resume.empty()) {
+      const std::string& path = o.init.empty() ? o.resume : o.init;
+      source = io::read_checkpoint_metadata(path);
+      const std::string preset = preset_of_checkpoint(path, source->config_json);
+      if (!o.preset.empty() && o.preset != preset)
+        throw invalid_input("train_gpt: " + path + " holds a '" + preset + "' model, not --preset " + o.preset);
+      o.preset = preset;
+    }
     if (o.preset.empty()) o.preset = o.data.empty() ? "addition" : "nanogpt-cpu";
     if (o.preset == "addition" && !o.data.empty())
       throw invalid_input("train_gpt: --preset addition trains on the embedded task; drop --data or pick nanogpt-cpu");
@@ -363,7 +416,8 @@ int main(int argc, char** argv) {
       std::optional<io::text_dataset> dataset(io::text_dataset::from_file(o.data, tokenizer, o.sequence_length));
       return run_with_precision<bytes_config>(o, tokenizer, dataset, nullptr);
     }
-    const auto tokenizer = io::char_tokenizer::from_text(io::read_text_file(o.data));
+    const auto tokenizer = source ? io::char_tokenizer::deserialize(source->vocabulary)
+                                  : io::char_tokenizer::from_text(io::read_text_file(o.data));
     std::optional<io::text_dataset> dataset(io::text_dataset::from_file(o.data, tokenizer, o.sequence_length));
     return run_with_precision<nanogpt_cpu_config>(o, tokenizer, dataset, nullptr);
   } catch (const ctformer::error& e) {

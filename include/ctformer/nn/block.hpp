@@ -289,6 +289,13 @@ struct decoder_block {
 
   static tensor_view<float, 1> flat(tensor_view<float, 2> v) { return {v.data(), {v.size()}}; }
 
+  /// A norm's gradient view, or for a frozen norm the given half of `sink`
+  /// ((2 C) floats that nothing reads), so the norm kernels need no variant.
+  static tensor_view<float, 1> gradient_or_sink(tensor_view<float, 1> gradient, bool frozen,
+                                                tensor_view<float, 1> sink, int half) {
+    return frozen ? tensor_view<float, 1>(sink.data() + half * d_model, {d_model}) : gradient;
+  }
+
   /// The block's forward over N rows.
   /// @param weights the block's block_weights (any matrix type)
   /// @param as_operand maps a stored matrix to what ops::linear takes (the
@@ -327,32 +334,47 @@ struct decoder_block {
 
   /// The block's backward over the rows forward saw (training weights only):
   /// reads d.d_residual as the gradient of residual_out and leaves there the
-  /// gradient of residual_in; adds the parameter gradients to `grads`.
+  /// gradient of residual_in; adds the parameter gradients to `grads`, except
+  /// for tensors flagged in `frozen`: their weight-gradient GEMMs are skipped
+  /// and their norms' gradients go to `sink` (2 C floats nobody reads).
+  /// Without input_gradient (nothing below trains) the gradient of
+  /// residual_in is not computed where the attention norm is frozen too.
+  /// @param frozen block_weights<Cfg, bool, bool>: true for a frozen tensor
   /// @param attend_backward attend_backward(dout (N, H, D), q, k, v, dq, dk, dv)
   template <execution_policy Exec, class Weights, class Operand, class Gradients, class AttendBackward>
   static void backward(const Exec& exec, const Weights& w, Operand&& as_operand, Gradients& g,
-                       const block_activations& a, const block_gradient_scratch& d, const rope_tables& rope,
-                       tensor_view<const std::int32_t, 1> positions, AttendBackward&& attend_backward) {
+                       const block_weights<Cfg, bool, bool>& frozen, const block_activations& a,
+                       const block_gradient_scratch& d, const rope_tables& rope,
+                       tensor_view<const std::int32_t, 1> positions, AttendBackward&& attend_backward,
+                       tensor_view<float, 1> sink, bool input_gradient = true) {
     const index_t n = a.residual_in.extent(0);
     auto linear_backward = [&](tensor_view<const float, 2> dy, tensor_view<const float, 2> x, const auto& weight,
-                               auto& dweight, auto& dbias, tensor_view<float, 2> dx) {
+                               auto& dweight, auto& dbias, bool weight_frozen, bool bias_frozen,
+                               tensor_view<float, 2> dx, bool need_dx = true) {
       const auto operand = as_operand(weight);
-      ops::linear_backward_input(exec, dy, operand, dx, false);
-      ops::linear_backward_weight(exec, dy, x, operand, dweight);
-      if constexpr (traits::bias) ops::bias_backward(exec, dy, dbias);
+      if (need_dx) ops::linear_backward_input(exec, dy, operand, dx, false);
+      if (!weight_frozen) ops::linear_backward_weight(exec, dy, x, operand, dweight);
+      if constexpr (traits::bias)
+        if (!bias_frozen) ops::bias_backward(exec, dy, dbias);
+    };
+    auto norm_gradient = [&](tensor_view<float, 1> gradient, bool is_frozen, int half) {
+      return gradient_or_sink(gradient, is_frozen, sink, half);
     };
     // residual_out = residual_mid + activation_out W_down^T
-    linear_backward(as_const(d.d_residual), as_const(a.activation_out), w.down, g.down, g.down_bias, d.d_activation);
+    linear_backward(as_const(d.d_residual), as_const(a.activation_out), w.down, g.down, g.down_bias, frozen.down,
+                    frozen.down_bias, d.d_activation);
     if constexpr (traits::gated) ops::swiglu_backward(exec, as_const(a.up_out), as_const(d.d_activation), d.d_up);
     else ops::gelu_backward(exec, as_const(flat(a.up_out)), as_const(flat(d.d_activation)), flat(d.d_up));
-    linear_backward(as_const(d.d_up), as_const(a.mlp_norm_out), w.up, g.up, g.up_bias, d.d_norm);
+    linear_backward(as_const(d.d_up), as_const(a.mlp_norm_out), w.up, g.up, g.up_bias, frozen.up, frozen.up_bias,
+                    d.d_norm);
     norm_backward(exec, as_const(d.d_norm), as_const(a.residual_mid), as_const(w.mlp_norm_weight),
-                  as_const(a.mlp_norm_mean), as_const(a.mlp_norm_rstd), d.d_scratch, g.mlp_norm_weight,
-                  g.mlp_norm_bias);
+                  as_const(a.mlp_norm_mean), as_const(a.mlp_norm_rstd), d.d_scratch,
+                  norm_gradient(g.mlp_norm_weight, frozen.mlp_norm_weight, 0),
+                  norm_gradient(g.mlp_norm_bias, frozen.mlp_norm_bias, 1));
     ops::add(exec, as_const(flat(d.d_residual)), as_const(flat(d.d_scratch)), flat(d.d_residual));
     // residual_mid = residual_in + attention_out W_o^T
     linear_backward(as_const(d.d_residual), as_const(a.attention_out), w.output, g.output, g.output_bias,
-                    d.d_attention);
+                    frozen.output, frozen.output_bias, d.d_attention);
     auto dq = queries(d.d_qkv.data(), n);
     auto dk = keys(d.d_qkv.data(), n);
     attend_backward(tensor_view<const float, 3>(d.d_attention.data(), {n, n_head, head_dim}),
@@ -362,10 +384,16 @@ struct decoder_block {
       ops::rope_rotate_rows(exec, dq, rope.cos, rope.sin, positions, -1);
       ops::rope_rotate_rows(exec, dk, rope.cos, rope.sin, positions, -1);
     }
-    linear_backward(as_const(d.d_qkv), as_const(a.attention_norm_out), w.qkv, g.qkv, g.qkv_bias, d.d_norm);
+    bool attention_norm_trains = !frozen.attention_norm_weight;
+    if constexpr (layer_normed) attention_norm_trains = attention_norm_trains || !frozen.attention_norm_bias;
+    const bool below = input_gradient || attention_norm_trains;
+    linear_backward(as_const(d.d_qkv), as_const(a.attention_norm_out), w.qkv, g.qkv, g.qkv_bias, frozen.qkv,
+                    frozen.qkv_bias, d.d_norm, below);
+    if (!below) return;
     norm_backward(exec, as_const(d.d_norm), as_const(a.residual_in), as_const(w.attention_norm_weight),
                   as_const(a.attention_norm_mean), as_const(a.attention_norm_rstd), d.d_scratch,
-                  g.attention_norm_weight, g.attention_norm_bias);
+                  norm_gradient(g.attention_norm_weight, frozen.attention_norm_weight, 0),
+                  norm_gradient(g.attention_norm_bias, frozen.attention_norm_bias, 1));
     ops::add(exec, as_const(flat(d.d_residual)), as_const(flat(d.d_scratch)), flat(d.d_residual));
   }
 };

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -73,6 +74,9 @@ class model {
     gradients_ = storage<float>(std::size_t(parameter_count_));
     bind_weights(params_, parameters_.data());
     bind_weights(grads_, gradients_.data());
+    frozen_.assign(table_.size(), false);
+    frozen_gradient_sink_ = storage<float>(std::size_t(2 * d_model));
+    bind_frozen_flags();
     initialise(seed);
     zero_gradients();
   }
@@ -95,7 +99,49 @@ class model {
     return nn::decay_ranges(table_, decay_all, decay_embeddings);
   }
 
-  void zero_gradients() { ops::fill(exec_, gradients(), 0.0f); }
+  void zero_gradients() {
+    ops::fill(exec_, gradients(), 0.0f);
+    ops::fill(exec_, tensor_view<float, 1>(frozen_gradient_sink_.data(), {2 * d_model}), 0.0f);
+  }
+
+  /// Freezes every parameter tensor whose name matches one of `patterns`
+  /// (see matches_parameter_pattern: "token_embedding.*", "blocks.[0-3].*",
+  /// "*norm.*"). A frozen tensor's gradient stays zero and is not computed
+  /// where the backward can skip it: its weight-gradient GEMM, and every layer
+  /// below the lowest trainable one. Build the optimizer from
+  /// trainable_ranges() afterwards so frozen tensors get no state either.
+  /// Throws invalid_input naming a pattern that matches no tensor (a typo
+  /// would otherwise train everything). Returns the tensors now frozen.
+  std::size_t freeze(std::span<const std::string> patterns) {
+    for (const auto& pattern : patterns) {
+      bool matched = false;
+      for (std::size_t i = 0; i < table_.size(); ++i)
+        if (matches_parameter_pattern(pattern, table_[i].name)) {
+          frozen_[i] = true;
+          matched = true;
+        }
+      if (!matched)
+        throw invalid_input("ctformer::model::freeze: the pattern '" + pattern +
+                            "' matches no parameter; names look like '" + table_.front().name + "', '" +
+                            table_[1].name + "', '" + table_.back().name + "'");
+    }
+    bind_frozen_flags();
+    return std::size_t(std::count(frozen_.begin(), frozen_.end(), true));
+  }
+  /// Makes every tensor trainable again.
+  void unfreeze_all() {
+    frozen_.assign(table_.size(), false);
+    bind_frozen_flags();
+  }
+  /// frozen()[i] says whether parameter_table()[i] is frozen.
+  const std::vector<bool>& frozen() const { return frozen_; }
+  /// The slices of the parameter buffer that train (the whole buffer when
+  /// nothing is frozen): what an optimizer sizes its state by.
+  std::vector<parameter_range> trainable_ranges() const {
+    if (std::none_of(frozen_.begin(), frozen_.end(), [](bool f) { return f; }))
+      return {parameter_range{0, parameter_count_, true}};
+    return nn::trainable_ranges(table_, frozen_);
+  }
 
   /// Forward and backward over one batch: returns the mean cross-entropy over
   /// the positions whose target is not negative, and ADDS that loss's
@@ -336,26 +382,37 @@ class model {
   }
 
   // --- backward -----------------------------------------------------------------
+  tensor_view<float, 1> norm_gradient(tensor_view<float, 1> gradient, bool frozen, int half) {
+    return block::gradient_or_sink(gradient, frozen, tensor_view<float, 1>(frozen_gradient_sink_.data(), {2 * d_model}),
+                                   half);
+  }
+
   template <class Compute>
   void backward(float grad_scale) {
     const step_views& s = step_;
     const index_t b = batch_, t = seq_;
     if (counted_targets_ == 0) return;  // nothing to learn from this batch
+    if (lowest_backward_layer_ > n_layer + 1) return;  // everything is frozen
     const auto operand = operand_of<Compute>();
     const auto& d = s.gradient;
+    const auto& frozen = frozen_flags_;
     ops::softmax_cross_entropy_backward(exec_, s.logits, s.targets, grad_scale / float(counted_targets_), s.logits);
     // logits = final_norm_out lm_head^T
+    if (!frozen.lm_head)
+      ops::linear_backward_weight(exec_, as_const(s.logits), as_const(s.final_norm_out), operand(params_.lm_head),
+                                  grads_.lm_head);
+    if (lowest_backward_layer_ == n_layer + 1) return;  // only the head trains
     ops::linear_backward_input(exec_, as_const(s.logits), operand(params_.lm_head), d.d_norm);
-    ops::linear_backward_weight(exec_, as_const(s.logits), as_const(s.final_norm_out), operand(params_.lm_head),
-                                grads_.lm_head);
     block::norm_backward(exec_, as_const(d.d_norm), as_const(s.final_in), as_const(params_.final_norm_weight),
                          as_const(s.final_norm_mean), as_const(s.final_norm_rstd), d.d_residual,
-                         grads_.final_norm_weight, grads_.final_norm_bias);
+                         norm_gradient(grads_.final_norm_weight, frozen.final_norm_weight, 0),
+                         norm_gradient(grads_.final_norm_bias, frozen.final_norm_bias, 1));
     const float scale = 1.0f / std::sqrt(float(head_dim));
-    for (int l = n_layer - 1; l >= 0; --l) {
+    for (int l = n_layer - 1; l >= int(lowest_backward_layer_); --l) {
       const auto probs = as_const(s.probs[l]);
-      block::backward(exec_, params_.blocks[l], operand, grads_.blocks[l], s.layers[l], d, rope_.view(),
-                      as_const(s.positions),
+      auto& g = grads_.blocks[l];
+      const auto& f = frozen.blocks[l];
+      block::backward(exec_, params_.blocks[l], operand, g, f, s.layers[l], d, rope_.view(), as_const(s.positions),
                       [&](tensor_view<const float, 3> dout, tensor_view<const float, 3> q,
                           tensor_view<const float, 3> k, tensor_view<const float, 3> v, tensor_view<float, 3> dq,
                           tensor_view<float, 3> dk, tensor_view<float, 3> dv) {
@@ -363,11 +420,52 @@ class model {
                                                        batch_view(k, b, t), batch_view(v, b, t), probs,
                                                        batch_view(dq, b, t), batch_view(dk, b, t),
                                                        batch_view(dv, b, t), scale);
-                      });
+                      },
+                      tensor_view<float, 1>(frozen_gradient_sink_.data(), {2 * d_model}),
+                      l > lowest_backward_layer_ || embeddings_train_);
     }
-    ops::embedding_backward(exec_, as_const(s.tokens), as_const(d.d_residual), grads_.token_embedding);
+    if (!embeddings_train_) return;
+    if (!frozen.token_embedding)
+      ops::embedding_backward(exec_, as_const(s.tokens), as_const(d.d_residual), grads_.token_embedding);
     if constexpr (model_weights<Cfg>::learned_positions)
-      ops::embedding_backward(exec_, as_const(s.positions), as_const(d.d_residual), grads_.position_embedding);
+      if (!frozen.position_embedding)
+        ops::embedding_backward(exec_, as_const(s.positions), as_const(d.d_residual), grads_.position_embedding);
+  }
+
+  // Mirrors frozen_ into per-member flags and finds how far down the backward
+  // must go: layer l's backward is needed when it, a layer below it or an
+  // embedding trains; n_layer means only the final norm (and head) train,
+  // n_layer + 1 only the head, n_layer + 2 nothing.
+  void bind_frozen_flags() {
+    std::size_t i = 0;
+    frozen_flags_.visit([&](const std::string&, bool& flag, const std::vector<index_t>&, parameter_kind) {
+      flag = frozen_[i++];
+    });
+    if constexpr (traits::tie_embeddings) frozen_flags_.lm_head = frozen_flags_.token_embedding;
+    auto block_trains = [&](const block_weights<Cfg, bool, bool>& f) {
+      bool any = false;
+      block_weights<Cfg, bool, bool> copy = f;
+      copy.visit("", [&](const std::string&, bool& flag, const std::vector<index_t>&, parameter_kind) {
+        any = any || !flag;
+      });
+      return any;
+    };
+    embeddings_train_ = !frozen_flags_.token_embedding;
+    if constexpr (model_weights<Cfg>::learned_positions)
+      embeddings_train_ = embeddings_train_ || !frozen_flags_.position_embedding;
+    bool final_norm_trains = !frozen_flags_.final_norm_weight;
+    if constexpr (model_weights<Cfg>::has_norm_bias)
+      final_norm_trains = final_norm_trains || !frozen_flags_.final_norm_bias;
+    if (embeddings_train_) {
+      lowest_backward_layer_ = 0;
+      return;
+    }
+    for (index_t l = 0; l < n_layer; ++l)
+      if (block_trains(frozen_flags_.blocks[l])) {
+        lowest_backward_layer_ = l;
+        return;
+      }
+    lowest_backward_layer_ = final_norm_trains ? n_layer : (!frozen_flags_.lm_head ? n_layer + 1 : n_layer + 2);
   }
 
   // --- set-up -------------------------------------------------------------------
@@ -399,6 +497,11 @@ class model {
   index_t parameter_count_ = 0;
   storage<float> parameters_, gradients_;
   model_weights<Cfg> params_, grads_;
+  std::vector<bool> frozen_;                          // per parameter_table() entry
+  model_weights<Cfg, bool, bool, bool> frozen_flags_{};  // the same, per member
+  index_t lowest_backward_layer_ = 0;
+  bool embeddings_train_ = true;
+  storage<float> frozen_gradient_sink_;               // (2 C): where frozen norms' gradients go
   rope_table_storage<Cfg, Exec> rope_;
   storage<bf16> compute_weights_, compute_scratch_;
   bool compute_weights_valid_ = false;
