@@ -122,6 +122,9 @@ template <class Cfg, quant::weight_format Format = quant::fp32, kv_policy KvPoli
           execution_policy Exec = cpu::par_t>
 class inference_model {
   static_assert(nn::check_model_config<Cfg>());
+  static_assert(!nn::config_traits<Cfg>::has_adapters,
+                "ctformer: inference runs a configuration without LoRA adapters: fold them into the base model "
+                "first (nn::merge_lora), then load, quantize or serve that");
   /// Whether the model's memory is a device's (cuda::par): weights, scratch and cache there.
   static constexpr bool on_device = !Exec::memory_space::host_accessible;
   static_assert(on_device || std::is_same_v<Exec, cpu::par_t>,

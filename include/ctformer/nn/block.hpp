@@ -3,6 +3,7 @@
 // the attention is the caller's) and its backward, and the RoPE tables.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -64,6 +65,58 @@ struct block_weights {
   }
 };
 
+/// Where each LoRA target sits: the projection's input width, its output rows
+/// and the first of them in the fused output (q, k, v in qkv; gate, up in up).
+template <model_config Cfg>
+struct lora_geometry {
+  using traits = config_traits<Cfg>;
+  static constexpr index_t q_width = traits::n_head * traits::head_dim, kv_width = traits::n_kv_head * traits::head_dim;
+  static constexpr int index_of(lora_target t) {
+    for (int i = 0; i < 7; ++i)
+      if (all_lora_targets[i] == t) return i;
+    return 0;
+  }
+  static constexpr index_t in_of(lora_target t) { return t == lora_target::down ? traits::d_ff : traits::d_model; }
+  static constexpr index_t out_of(lora_target t) {
+    switch (t) {
+      case lora_target::q: return q_width;
+      case lora_target::k:
+      case lora_target::v: return kv_width;
+      case lora_target::gate:
+      case lora_target::up: return traits::d_ff;
+      default: return traits::d_model;
+    }
+  }
+  static constexpr index_t column_of(lora_target t) {
+    switch (t) {
+      case lora_target::k: return q_width;
+      case lora_target::v: return q_width + kv_width;
+      case lora_target::up: return traits::gated ? traits::d_ff : 0;
+      default: return 0;
+    }
+  }
+};
+
+/// One block's LoRA adapters: a[i] (rank, in) and b[i] (out, rank) for the
+/// i-th of all_lora_targets, present only for Cfg's targets.
+template <model_config Cfg, class Matrix = tensor_view<float, 2>>
+struct lora_weights {
+  using adapter = typename config_traits<Cfg>::adapter;
+  using geometry = lora_geometry<Cfg>;
+  Matrix a[7], b[7];
+
+  template <class Visit>
+  void visit(const std::string& prefix, Visit&& visit) {
+    for (int i = 0; i < 7; ++i) {
+      const lora_target t = all_lora_targets[i];
+      if (!adapter::has(t)) continue;
+      const std::string name = prefix + "lora." + lora_target_name(t);
+      visit(name + ".a", a[i], std::vector<index_t>{adapter::rank, geometry::in_of(t)}, parameter_kind::matrix);
+      visit(name + ".b", b[i], std::vector<index_t>{geometry::out_of(t), adapter::rank}, parameter_kind::matrix);
+    }
+  }
+};
+
 /// The whole model's parameters: embeddings, the blocks, the final norm and
 /// the LM head (the token embedding itself when tied: then it is not visited).
 /// @tparam Table the embedding tables' type (tensor_view<float, 2>)
@@ -81,6 +134,13 @@ struct model_weights {
   block_type blocks[traits::n_layer];
   Vector final_norm_weight, final_norm_bias;  // (C)
   Matrix lm_head;                             // (V, C)
+  /// LoRA adapters, after every base tensor in the layout (so a base model's
+  /// buffer is a prefix of its adapted model's, and the adapters one slice);
+  /// an empty member for a configuration without them.
+  struct no_adapters {};
+  [[no_unique_address]] std::conditional_t<traits::has_adapters,
+                                           std::array<lora_weights<Cfg, Matrix>, std::size_t(traits::n_layer)>,
+                                           no_adapters> adapters{};
 
   template <class Visit>
   void visit(Visit&& visit) {
@@ -96,6 +156,8 @@ struct model_weights {
       visit(std::string("final_norm.bias"), final_norm_bias, std::vector<index_t>{c}, parameter_kind::norm);
     if constexpr (!traits::tie_embeddings)
       visit(std::string("lm_head.weight"), lm_head, std::vector<index_t>{traits::vocab, c}, parameter_kind::matrix);
+    if constexpr (traits::has_adapters)
+      for (int l = 0; l < traits::n_layer; ++l) adapters[l].visit("blocks." + std::to_string(l) + ".", visit);
   }
 };
 
@@ -235,6 +297,17 @@ struct block_gradient_scratch {
   tensor_view<float, 2> d_activation;                     // (N, F)
 };
 
+/// A block's LoRA adapters for one pass: their weights, and for training
+/// their gradients and frozen flags, with (N, 2 rank) scratch. The default
+/// (no weights) is no adapters: what inference and base models pass.
+template <model_config Cfg>
+struct adapter_pass {
+  const lora_weights<Cfg>* weights = nullptr;
+  lora_weights<Cfg>* gradients = nullptr;
+  const lora_weights<Cfg, bool>* frozen = nullptr;
+  tensor_view<float, 2> scratch;  // (N, 2 rank): x A^T, then its gradient
+};
+
 /// One pre-norm decoder layer of Cfg:
 ///   x += attention(norm(x)) W_o (+ b_o);  x += act(norm(x) W_up) W_down (+ b_down)
 /// with q, k, v from one fused projection, RoPE at each row's position, and
@@ -296,6 +369,57 @@ struct decoder_block {
     return frozen ? tensor_view<float, 1>(sink.data() + half * d_model, {d_model}) : gradient;
   }
 
+  using adapter = typename traits::adapter;
+  using geometry = lora_geometry<Cfg>;
+
+  // The adapter's columns of a projection's (N, out) output.
+  template <lora_target T, class V>
+  static auto adapter_columns(V y) {
+    using view = tensor_view<std::remove_pointer_t<decltype(y.data())>, 2>;
+    return view(y.data() + geometry::column_of(T), {y.extent(0), geometry::out_of(T)}, {y.stride(0), 1});
+  }
+
+  // y[:, target's columns] += scale * (x A^T) B^T, when T is adapted.
+  template <lora_target T, execution_policy Exec>
+  static void adapter_forward(const Exec& exec, const adapter_pass<Cfg>& p, tensor_view<const float, 2> x,
+                              tensor_view<float, 2> y) {
+    if constexpr (adapter::has(T)) {
+      if (!p.weights) return;
+      constexpr int i = geometry::index_of(T);
+      const tensor_view<float, 2> xa(p.scratch.data(), {x.extent(0), adapter::rank}, {p.scratch.stride(0), 1});
+      ops::gemm(exec, x, as_const(p.weights->a[i]).transposed(), xa);
+      ops::gemm(exec, as_const(xa), as_const(p.weights->b[i]).transposed(), adapter_columns<T>(y), adapter::scale,
+                1.0f);
+    }
+  }
+
+  // The adapter's share of a projection's backward, dy being the gradient of
+  // the whole (N, out) output: dB += s dy^T (x A^T), dA += (s dy B)^T x and,
+  // with need_dx, dx += (s dy B) A. x A^T is recomputed (rank columns: cheap)
+  // rather than kept from the forward.
+  template <lora_target T, execution_policy Exec>
+  static void adapter_backward(const Exec& exec, const adapter_pass<Cfg>& p, tensor_view<const float, 2> dy,
+                               tensor_view<const float, 2> x, tensor_view<float, 2> dx, bool need_dx) {
+    if constexpr (adapter::has(T)) {
+      if (!p.weights) return;
+      constexpr int i = geometry::index_of(T);
+      constexpr index_t r = adapter::rank;
+      const index_t n = x.extent(0);
+      const bool train_a = !p.frozen->a[i], train_b = !p.frozen->b[i];
+      if (!train_a && !train_b && !need_dx) return;
+      const auto dy_t = adapter_columns<T>(dy);
+      const tensor_view<float, 2> xa(p.scratch.data(), {n, r}, {p.scratch.stride(0), 1});
+      const tensor_view<float, 2> dxa(p.scratch.data() + r, {n, r}, {p.scratch.stride(0), 1});
+      if (train_b) {
+        ops::gemm(exec, x, as_const(p.weights->a[i]).transposed(), xa);
+        ops::gemm(exec, dy_t.transposed(), as_const(xa), p.gradients->b[i], adapter::scale, 1.0f);
+      }
+      ops::gemm(exec, dy_t, as_const(p.weights->b[i]), dxa, adapter::scale, 0.0f);
+      if (train_a) ops::gemm(exec, as_const(dxa).transposed(), x, p.gradients->a[i], 1.0f, 1.0f);
+      if (need_dx) ops::gemm(exec, as_const(dxa), as_const(p.weights->a[i]), dx, 1.0f, 1.0f);
+    }
+  }
+
   /// The block's forward over N rows.
   /// @param weights the block's block_weights (any matrix type)
   /// @param as_operand maps a stored matrix to what ops::linear takes (the
@@ -303,13 +427,18 @@ struct decoder_block {
   /// @param positions (N) int32 in the policy's memory: each row's position (RoPE)
   /// @param attend attend(q (N, H, D), k (N, KV, D), v (N, KV, D), out (N, H, D)):
   ///   attention of the rows, q and k already rotated
+  /// @param adapters the block's LoRA adapters (none by default)
   template <execution_policy Exec, class Weights, class Operand, class Attend>
   static void forward(const Exec& exec, const Weights& w, Operand&& as_operand, const block_activations& a,
-                      const rope_tables& rope, tensor_view<const std::int32_t, 1> positions, Attend&& attend) {
+                      const rope_tables& rope, tensor_view<const std::int32_t, 1> positions, Attend&& attend,
+                      const adapter_pass<Cfg>& adapters = {}) {
     const index_t n = a.residual_in.extent(0);
     norm_forward(exec, as_const(a.residual_in), as_const(w.attention_norm_weight), as_const(w.attention_norm_bias),
                  a.attention_norm_out, a.attention_norm_mean, a.attention_norm_rstd);
     linear(exec, as_const(a.attention_norm_out), w.qkv, as_operand, w.qkv_bias, a.qkv, false);
+    adapter_forward<lora_target::q>(exec, adapters, as_const(a.attention_norm_out), a.qkv);
+    adapter_forward<lora_target::k>(exec, adapters, as_const(a.attention_norm_out), a.qkv);
+    adapter_forward<lora_target::v>(exec, adapters, as_const(a.attention_norm_out), a.qkv);
     auto q = queries(a.qkv.data(), n);
     auto k = keys(a.qkv.data(), n);
     if constexpr (rotary) {
@@ -321,15 +450,19 @@ struct decoder_block {
     if (a.residual_mid.data() != a.residual_in.data())
       ops::copy(exec, as_const(flat(a.residual_in)), flat(a.residual_mid));
     linear(exec, as_const(a.attention_out), w.output, as_operand, w.output_bias, a.residual_mid, true);
+    adapter_forward<lora_target::o>(exec, adapters, as_const(a.attention_out), a.residual_mid);
 
     norm_forward(exec, as_const(a.residual_mid), as_const(w.mlp_norm_weight), as_const(w.mlp_norm_bias),
                  a.mlp_norm_out, a.mlp_norm_mean, a.mlp_norm_rstd);
     linear(exec, as_const(a.mlp_norm_out), w.up, as_operand, w.up_bias, a.up_out, false);
+    adapter_forward<lora_target::gate>(exec, adapters, as_const(a.mlp_norm_out), a.up_out);
+    adapter_forward<lora_target::up>(exec, adapters, as_const(a.mlp_norm_out), a.up_out);
     if constexpr (traits::gated) ops::swiglu_forward(exec, as_const(a.up_out), a.activation_out);
     else ops::gelu_forward(exec, as_const(flat(a.up_out)), flat(a.activation_out));
     if (a.residual_out.data() != a.residual_mid.data())
       ops::copy(exec, as_const(flat(a.residual_mid)), flat(a.residual_out));
     linear(exec, as_const(a.activation_out), w.down, as_operand, w.down_bias, a.residual_out, true);
+    adapter_forward<lora_target::down>(exec, adapters, as_const(a.activation_out), a.residual_out);
   }
 
   /// The block's backward over the rows forward saw (training weights only):
@@ -346,7 +479,8 @@ struct decoder_block {
                        const block_weights<Cfg, bool, bool>& frozen, const block_activations& a,
                        const block_gradient_scratch& d, const rope_tables& rope,
                        tensor_view<const std::int32_t, 1> positions, AttendBackward&& attend_backward,
-                       tensor_view<float, 1> sink, bool input_gradient = true) {
+                       tensor_view<float, 1> sink, bool input_gradient = true,
+                       const adapter_pass<Cfg>& adapters = {}) {
     const index_t n = a.residual_in.extent(0);
     auto linear_backward = [&](tensor_view<const float, 2> dy, tensor_view<const float, 2> x, const auto& weight,
                                auto& dweight, auto& dbias, bool weight_frozen, bool bias_frozen,
@@ -363,10 +497,14 @@ struct decoder_block {
     // residual_out = residual_mid + activation_out W_down^T
     linear_backward(as_const(d.d_residual), as_const(a.activation_out), w.down, g.down, g.down_bias, frozen.down,
                     frozen.down_bias, d.d_activation);
+    adapter_backward<lora_target::down>(exec, adapters, as_const(d.d_residual), as_const(a.activation_out),
+                                        d.d_activation, true);
     if constexpr (traits::gated) ops::swiglu_backward(exec, as_const(a.up_out), as_const(d.d_activation), d.d_up);
     else ops::gelu_backward(exec, as_const(flat(a.up_out)), as_const(flat(d.d_activation)), flat(d.d_up));
     linear_backward(as_const(d.d_up), as_const(a.mlp_norm_out), w.up, g.up, g.up_bias, frozen.up, frozen.up_bias,
                     d.d_norm);
+    adapter_backward<lora_target::gate>(exec, adapters, as_const(d.d_up), as_const(a.mlp_norm_out), d.d_norm, true);
+    adapter_backward<lora_target::up>(exec, adapters, as_const(d.d_up), as_const(a.mlp_norm_out), d.d_norm, true);
     norm_backward(exec, as_const(d.d_norm), as_const(a.residual_mid), as_const(w.mlp_norm_weight),
                   as_const(a.mlp_norm_mean), as_const(a.mlp_norm_rstd), d.d_scratch,
                   norm_gradient(g.mlp_norm_weight, frozen.mlp_norm_weight, 0),
@@ -375,6 +513,8 @@ struct decoder_block {
     // residual_mid = residual_in + attention_out W_o^T
     linear_backward(as_const(d.d_residual), as_const(a.attention_out), w.output, g.output, g.output_bias,
                     frozen.output, frozen.output_bias, d.d_attention);
+    adapter_backward<lora_target::o>(exec, adapters, as_const(d.d_residual), as_const(a.attention_out),
+                                     d.d_attention, true);
     auto dq = queries(d.d_qkv.data(), n);
     auto dk = keys(d.d_qkv.data(), n);
     attend_backward(tensor_view<const float, 3>(d.d_attention.data(), {n, n_head, head_dim}),
@@ -389,6 +529,9 @@ struct decoder_block {
     const bool below = input_gradient || attention_norm_trains;
     linear_backward(as_const(d.d_qkv), as_const(a.attention_norm_out), w.qkv, g.qkv, g.qkv_bias, frozen.qkv,
                     frozen.qkv_bias, d.d_norm, below);
+    adapter_backward<lora_target::q>(exec, adapters, as_const(d.d_qkv), as_const(a.attention_norm_out), d.d_norm, below);
+    adapter_backward<lora_target::k>(exec, adapters, as_const(d.d_qkv), as_const(a.attention_norm_out), d.d_norm, below);
+    adapter_backward<lora_target::v>(exec, adapters, as_const(d.d_qkv), as_const(a.attention_norm_out), d.d_norm, below);
     if (!below) return;
     norm_backward(exec, as_const(d.d_norm), as_const(a.residual_in), as_const(w.attention_norm_weight),
                   as_const(a.attention_norm_mean), as_const(a.attention_norm_rstd), d.d_scratch,

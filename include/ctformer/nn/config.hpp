@@ -9,6 +9,8 @@
 #include <string>
 #include <type_traits>
 
+#include "ctformer/nn/lora.hpp"
+
 namespace ctformer::nn {
 
 // --- the parts a configuration chooses between -------------------------------
@@ -111,6 +113,10 @@ struct config_traits {
     if constexpr (requires { Cfg::rope_base; }) return float(Cfg::rope_base); else return 10000.0f;
   }();
 
+  /// The LoRA adapters (nn::no_lora when Cfg has none).
+  using adapter = typename adapter_of<Cfg>::type;
+  static constexpr bool has_adapters = adapter::rank > 0;
+
   using attention_pattern = typename pattern_of<Cfg>::type;
   /// The attention window of layer l (0: global).
   static constexpr int window_of(int l) { return attention_pattern::windows[l % attention_pattern::period]; }
@@ -155,6 +161,18 @@ consteval bool check_model_config() {
         if (pattern::windows[i] != 0 && pattern::windows[i] != config_traits<Cfg>::window) return false;
       return true;
     }(), "ctformer: the windowed layers of a pattern share one window width (their KV-cache rings are alike)");
+  if constexpr (model_config<Cfg>) {
+    using adapter = typename adapter_of<Cfg>::type;
+    static_assert(std::same_as<adapter, no_lora> ||
+                      requires {
+                        adapter::rank;
+                        adapter::targets;
+                        adapter::scale;
+                      },
+                  "ctformer: a configuration's adapter must be an nn::lora<Rank, Targets, Alpha>");
+    static_assert(!adapter::has(lora_target::gate) || std::same_as<typename Cfg::activation, swiglu>,
+                  "ctformer: a LoRA gate target needs a gated (SwiGLU) MLP; a GELU MLP has `up` only");
+  }
   return true;
 }
 
@@ -171,6 +189,25 @@ std::string attention_json_of() {
     std::string out = ",\"attention\":[";
     for (int l = 0; l < t::n_layer; ++l) out += (l ? "," : "") + std::to_string(t::window_of(l));
     return out + "]";
+  }
+}
+// ,"lora":{"rank":r,"alpha":a,"targets":["q","v"]} for a configuration with
+// adapters; nothing without, so base checkpoints are unchanged.
+template <class Cfg>
+std::string lora_json_of() {
+  using adapter = typename config_traits<Cfg>::adapter;
+  if constexpr (!config_traits<Cfg>::has_adapters) {
+    return "";
+  } else {
+    std::string out = ",\"lora\":{\"rank\":" + std::to_string(adapter::rank) +
+                      ",\"alpha\":" + std::to_string(adapter::alpha) + ",\"targets\":[";
+    bool first = true;
+    for (lora_target t : all_lora_targets)
+      if (adapter::has(t)) {
+        out += std::string(first ? "" : ",") + "\"" + lora_target_name(t) + "\"";
+        first = false;
+      }
+    return out + "]}";
   }
 }
 }  // namespace detail
@@ -199,7 +236,7 @@ std::string config_json() {
          name(static_cast<typename Cfg::position*>(nullptr)) + "\",\"tie_embeddings\":" +
          (t::tie_embeddings ? "true" : "false") + ",\"bias\":" + (t::bias ? "true" : "false") +
          ",\"norm_eps\":" + std::to_string(t::norm_eps) + ",\"rope_base\":" + std::to_string(t::rope_base) +
-         attention_json() + "}";
+         attention_json() + detail::lora_json_of<Cfg>() + "}";
 }
 
 }  // namespace ctformer::nn

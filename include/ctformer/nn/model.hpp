@@ -71,14 +71,15 @@ class model {
   explicit model(Exec exec = Exec{}, std::uint64_t seed = 0)
       : exec_(exec), table_(parameter_table_of<Cfg>()), parameter_count_(parameter_count_of<Cfg>()), rope_(exec) {
     parameters_ = storage<float>(std::size_t(parameter_count_));
-    gradients_ = storage<float>(std::size_t(parameter_count_));
     bind_weights(params_, parameters_.data());
-    bind_weights(grads_, gradients_.data());
-    frozen_.assign(table_.size(), false);
     frozen_gradient_sink_ = storage<float>(std::size_t(2 * d_model));
-    bind_frozen_flags();
+    frozen_.assign(table_.size(), false);
+    // An adapted model trains its adapters only (as PEFT's get_peft_model):
+    // every base tensor starts frozen; unfreeze_all() trains everything.
+    if constexpr (traits::has_adapters)
+      for (std::size_t i = 0; i < table_.size(); ++i) frozen_[i] = table_[i].name.find(".lora.") == std::string::npos;
+    apply_freezing();
     initialise(seed);
-    zero_gradients();
   }
 
   model(const model&) = delete;
@@ -88,8 +89,15 @@ class model {
   const std::vector<parameter_info>& parameter_table() const { return table_; }
   index_t parameter_count() const { return parameter_count_; }
   tensor_view<float, 1> parameters() { return {parameters_.data(), {parameter_count_}}; }
-  tensor_view<float, 1> gradients() { return {gradients_.data(), {parameter_count_}}; }
   tensor_view<const float, 1> parameters() const { return {parameters_.data(), {parameter_count_}}; }
+  /// The gradients of the trainable tensors only, slice after slice of
+  /// trainable_ranges() (the whole parameter layout when nothing is frozen):
+  /// frozen tensors cost no gradient memory. gradient_offset(i) says where
+  /// tensor i's gradient starts.
+  tensor_view<float, 1> gradients() { return {gradients_.data(), {gradient_count_}}; }
+  index_t gradient_count() const { return gradient_count_; }
+  /// Where parameter_table()[i]'s gradient starts in gradients(); -1 when frozen.
+  index_t gradient_offset(std::size_t i) const { return gradient_offsets_[i]; }
   /// Parameter tensors as named views (token_embedding, blocks[l].qkv, ...).
   model_weights<Cfg>& weights() { return params_; }
   model_weights<Cfg>& weight_gradients() { return grads_; }
@@ -106,9 +114,10 @@ class model {
 
   /// Freezes every parameter tensor whose name matches one of `patterns`
   /// (see matches_parameter_pattern: "token_embedding.*", "blocks.[0-3].*",
-  /// "*norm.*"). A frozen tensor's gradient stays zero and is not computed
-  /// where the backward can skip it: its weight-gradient GEMM, and every layer
-  /// below the lowest trainable one. Build the optimizer from
+  /// "*norm.*"). A frozen tensor has no gradient (gradients() shrinks; call
+  /// this before training: the gradients restart at zero) and none is
+  /// computed where the backward can skip it: its weight-gradient GEMM, and
+  /// every layer below the lowest trainable one. Build the optimizer from
   /// trainable_ranges() afterwards so frozen tensors get no state either.
   /// Throws invalid_input naming a pattern that matches no tensor (a typo
   /// would otherwise train everything). Returns the tensors now frozen.
@@ -125,13 +134,13 @@ class model {
                             "' matches no parameter; names look like '" + table_.front().name + "', '" +
                             table_[1].name + "', '" + table_.back().name + "'");
     }
-    bind_frozen_flags();
+    apply_freezing();
     return std::size_t(std::count(frozen_.begin(), frozen_.end(), true));
   }
-  /// Makes every tensor trainable again.
+  /// Makes every tensor trainable again (the gradients restart at zero).
   void unfreeze_all() {
     frozen_.assign(table_.size(), false);
-    bind_frozen_flags();
+    apply_freezing();
   }
   /// frozen()[i] says whether parameter_table()[i] is frozen.
   const std::vector<bool>& frozen() const { return frozen_; }
@@ -201,6 +210,7 @@ class model {
     block_gradient_scratch gradient;                  // (N, ...) rows
     tensor_view<std::int32_t, 1> tokens, targets, positions;  // (N)
     tensor_view<bf16, 1> compute_a, compute_b;        // mixed-precision operand scratch
+    tensor_view<float, 2> adapter_scratch;            // (N, 2 rank), LoRA only
   };
 
   // The one walk over the arena's pieces: with null bases it sizes them.
@@ -238,6 +248,7 @@ class model {
     s.gradient.d_qkv = f.take(n, traits::qkv_width);
     s.gradient.d_up = f.take(n, traits::up_width);
     s.gradient.d_activation = f.take(n, d_ff);
+    if constexpr (traits::has_adapters) s.adapter_scratch = f.take(n, 2 * traits::adapter::rank);
     if (float_count) *float_count = f.used();
     arena_carver<std::int32_t> i(ints);
     s.tokens = i.take(n);
@@ -362,7 +373,8 @@ class model {
                        ops::causal_attention_forward(exec_, batch_view(q, b, t), batch_view(k, b, t),
                                                      batch_view(v, b, t), batch_view(out, b, t), probs, scale,
                                                      window);
-                     });
+                     },
+                     adapters_of(l));
     });
     final_norm_forward(s);
     ops::linear(exec_, as_const(s.final_norm_out), operand(params_.lm_head), s.logits);
@@ -379,6 +391,14 @@ class model {
         ++counted_targets_;
       }
     return counted_targets_ ? float(sum / double(counted_targets_)) : 0.0f;
+  }
+
+  // Layer l's adapters for this step (none without LoRA).
+  adapter_pass<Cfg> adapters_of(index_t l) {
+    if constexpr (traits::has_adapters)
+      return {&params_.adapters[l], &grads_.adapters[l], &frozen_flags_.adapters[l], step_.adapter_scratch};
+    else
+      return {};
   }
 
   // --- backward -----------------------------------------------------------------
@@ -422,7 +442,7 @@ class model {
                                                        batch_view(dv, b, t), scale);
                       },
                       tensor_view<float, 1>(frozen_gradient_sink_.data(), {2 * d_model}),
-                      l > lowest_backward_layer_ || embeddings_train_);
+                      l > lowest_backward_layer_ || embeddings_train_, adapters_of(l));
     }
     if (!embeddings_train_) return;
     if (!frozen.token_embedding)
@@ -430,6 +450,34 @@ class model {
     if constexpr (model_weights<Cfg>::learned_positions)
       if (!frozen.position_embedding)
         ops::embedding_backward(exec_, as_const(s.positions), as_const(d.d_residual), grads_.position_embedding);
+  }
+
+  // After frozen_ changed: the per-member flags, and gradient storage for the
+  // trainable tensors only, packed in the order of trainable_ranges().
+  void apply_freezing() {
+    bind_frozen_flags();
+    const auto slices = trainable_ranges();
+    gradient_offsets_.assign(table_.size(), -1);
+    index_t packed = 0;
+    std::size_t tensor = 0;
+    for (const auto& slice : slices) {
+      for (; tensor < table_.size() && table_[tensor].offset < slice.offset + slice.size; ++tensor)
+        if (!frozen_[tensor] && table_[tensor].offset >= slice.offset)
+          gradient_offsets_[tensor] = packed + table_[tensor].offset - slice.offset;
+      packed += slice.size;
+    }
+    gradient_count_ = packed;
+    gradients_ = storage<float>(std::size_t(std::max<index_t>(packed, 1)));
+    std::size_t i = 0;
+    grads_.visit([&]<int Rank>(const std::string&, tensor_view<float, Rank>& view, std::vector<index_t> shape,
+                               parameter_kind) {
+      std::array<index_t, Rank> extents{};
+      for (int d = 0; d < Rank; ++d) extents[d] = shape[std::size_t(d)];
+      const index_t at = gradient_offsets_[i++];
+      view = tensor_view<float, Rank>(at < 0 ? nullptr : gradients_.data() + at, extents);
+    });
+    if constexpr (traits::tie_embeddings) grads_.lm_head = grads_.token_embedding;
+    zero_gradients();
   }
 
   // Mirrors frozen_ into per-member flags and finds how far down the backward
@@ -460,8 +508,18 @@ class model {
       lowest_backward_layer_ = 0;
       return;
     }
+    auto adapters_train = [&](index_t l) {
+      bool any = false;
+      if constexpr (traits::has_adapters) {
+        lora_weights<Cfg, bool> copy = frozen_flags_.adapters[l];
+        copy.visit("", [&](const std::string&, bool& flag, const std::vector<index_t>&, parameter_kind) {
+          any = any || !flag;
+        });
+      }
+      return any;
+    };
     for (index_t l = 0; l < n_layer; ++l)
-      if (block_trains(frozen_flags_.blocks[l])) {
+      if (block_trains(frozen_flags_.blocks[l]) || adapters_train(l)) {
         lowest_backward_layer_ = l;
         return;
       }
@@ -479,6 +537,14 @@ class model {
       float* dst = host.data() + p.offset;
       const bool residual_projection =
           p.name.ends_with("attention.output.weight") || p.name.ends_with("mlp.down.weight");
+      if (p.name.find(".lora.") != std::string::npos) {
+        // PEFT's start: A Kaiming-uniform (a = sqrt 5, i.e. U(+-1/sqrt(in))), B
+        // zero, so the adapted model starts as the base model exactly.
+        const float bound = 1.0f / std::sqrt(float(p.shape[1]));
+        std::uniform_real_distribution<float> uniform(-bound, bound);
+        for (index_t i = 0; i < p.size(); ++i) dst[i] = p.name.ends_with(".a") ? uniform(rng) : 0.0f;
+        continue;
+      }
       for (index_t i = 0; i < p.size(); ++i) {
         switch (p.kind) {
           case parameter_kind::norm: dst[i] = p.name.ends_with(".bias") ? 0.0f : 1.0f; break;
@@ -496,6 +562,8 @@ class model {
   std::vector<parameter_info> table_;
   index_t parameter_count_ = 0;
   storage<float> parameters_, gradients_;
+  index_t gradient_count_ = 0;
+  std::vector<index_t> gradient_offsets_;  // per parameter_table() entry; -1 frozen
   model_weights<Cfg> params_, grads_;
   std::vector<bool> frozen_;                          // per parameter_table() entry
   model_weights<Cfg, bool, bool, bool> frozen_flags_{};  // the same, per member
@@ -509,5 +577,38 @@ class model {
   step_views step_{};
   index_t batch_ = 0, seq_ = 0, counted_targets_ = 0;
 };
+
+/// Folds a LoRA model's adapters into a model of its base configuration:
+/// `base` receives tuned's base tensors with W += (alpha / rank) B A on every
+/// adapted projection, and is then an ordinary model (quantize it, export
+/// it, serve it). The adapted model is left as it was.
+template <class Cfg, execution_policy Exec>
+  requires config_traits<Cfg>::has_adapters
+void merge_lora(model<Cfg, Exec>& tuned, model<typename base_config_of<Cfg>::type, Exec>& base) {
+  using adapter = typename config_traits<Cfg>::adapter;
+  using geometry = lora_geometry<Cfg>;
+  const auto& exec = tuned.exec();
+  // The base tensors are a prefix of the adapted layout (model_weights visits
+  // the adapters last): one copy moves them all.
+  const index_t n = base.parameter_count();
+  ops::copy(exec, tensor_view<const float, 1>(tuned.parameters().data(), {n}), base.parameters());
+  for (index_t l = 0; l < config_traits<Cfg>::n_layer; ++l) {
+    auto& block = base.weights().blocks[l];
+    const auto& adapters = tuned.weights().adapters[l];
+    for (int i = 0; i < 7; ++i) {
+      const lora_target t = all_lora_targets[i];
+      if (!adapter::has(t)) continue;
+      tensor_view<float, 2> matrix = t == lora_target::o      ? block.output
+                                     : t == lora_target::down ? block.down
+                                     : (t == lora_target::gate || t == lora_target::up) ? block.up
+                                                                                         : block.qkv;
+      const index_t in = geometry::in_of(t);
+      const tensor_view<float, 2> rows(matrix.data() + geometry::column_of(t) * in, {geometry::out_of(t), in});
+      ops::gemm(exec, as_const(adapters.b[i]), as_const(adapters.a[i]), rows, adapter::scale, 1.0f);
+    }
+  }
+  exec.synchronize();
+  base.parameters_changed();
+}
 
 }  // namespace ctformer::nn

@@ -67,8 +67,9 @@ class trainable_layout {
   const std::vector<parameter_range>& slices() const { return slices_; }
 
   /// Calls body(params, grads, state_offset, decay_ranges) per slice: the
-  /// slice's views, where its state starts, and the decay ranges clipped to
-  /// it and counted from its start.
+  /// slice's parameters, its gradients (grads holds the trainable slices
+  /// packed, as state does: nn::model::gradients()), where its state starts,
+  /// and the decay ranges clipped to it and counted from its start.
   template <class Body>
   void for_each_slice(tensor_view<float, 1> params, tensor_view<const float, 1> grads,
                       std::span<const parameter_range> decay, Body&& body) const {
@@ -84,16 +85,19 @@ class trainable_layout {
       }
       if (slice.size > 0)
         body(tensor_view<float, 1>(params.data() + slice.offset, {slice.size}),
-             tensor_view<const float, 1>(grads.data() + slice.offset, {slice.size}), state_offset,
+             tensor_view<const float, 1>(grads.data() + state_offset, {slice.size}), state_offset,
              std::span<const parameter_range>(clipped_));
       state_offset += slice.size;
     }
   }
 
-  void require_parameters(const char* who, index_t n) const {
-    if (n != parameter_count_)
-      throw shape_error(std::string("ctformer::train::") + who + "::step: params has " + std::to_string(n) +
+  void require_sizes(const char* who, index_t params, index_t grads) const {
+    if (params != parameter_count_)
+      throw shape_error(std::string("ctformer::train::") + who + "::step: params has " + std::to_string(params) +
                         " elements but the optimizer was built for " + std::to_string(parameter_count_));
+    if (grads != state_size_)
+      throw shape_error(std::string("ctformer::train::") + who + "::step: grads has " + std::to_string(grads) +
+                        " elements but the optimizer's trainable slices hold " + std::to_string(state_size_));
   }
 
  private:
@@ -131,13 +135,13 @@ class adamw {
   }
 
   /// One update: advances the step counter, then params -= AdamW(grads).
+  /// grads holds the trainable slices packed (all of params when nothing is frozen).
   /// grad_scale multiplies every gradient inside the same pass (a clipping
   /// coefficient, 1/loss-scale or 1/micro-batches), saving a pass over grads.
   /// params, grads: (P) float in Exec's memory; ranges: from nn/, host memory.
   void step(const Exec& exec, tensor_view<float, 1> params, tensor_view<const float, 1> grads,
             std::span<const parameter_range> ranges, float lr, float grad_scale = 1.0f) {
-    layout_.require_parameters("adamw", params.extent(0));
-    require_same_shape("adamw::step", "params", params, "grads", grads);
+    layout_.require_sizes("adamw", params.extent(0), grads.extent(0));
     ++step_;
     adamw_coefficients c;
     c.lr = lr;
@@ -210,8 +214,7 @@ class sgd {
   /// params, grads: (P) float in Exec's memory.
   void step(const Exec& exec, tensor_view<float, 1> params, tensor_view<const float, 1> grads,
             std::span<const parameter_range> ranges, float lr, float grad_scale = 1.0f) {
-    layout_.require_parameters("sgd", params.extent(0));
-    require_same_shape("sgd::step", "params", params, "grads", grads);
+    layout_.require_sizes("sgd", params.extent(0), grads.extent(0));
     sgd_coefficients c;
     c.lr = lr;
     c.momentum = config_.momentum;

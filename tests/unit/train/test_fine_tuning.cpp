@@ -48,20 +48,6 @@ struct batch {
   tensor_view<std::int32_t, 2> out() { return {targets.data(), {rows, cols}}; }
 };
 
-template <class Model>
-std::vector<float> tensor_values(Model& m, tensor_view<const float, 1> flat, const std::string& name) {
-  for (const auto& p : m.parameter_table())
-    if (p.name == name) return {flat.data() + p.offset, flat.data() + p.offset + p.size()};
-  FAIL("no parameter " << name);
-  return {};
-}
-
-bool all_zero(const std::vector<float>& v) {
-  for (float x : v)
-    if (x != 0.0f) return false;
-  return true;
-}
-
 }  // namespace
 
 TEST_CASE("parameter name patterns: '*' is any text, [a-b] a number in a range", "[nn][fine-tuning]") {
@@ -108,18 +94,25 @@ TEMPLATE_TEST_CASE("a frozen tensor gets no gradient and the others get exactly 
     partial.zero_gradients();
     // Frozen tensors change nothing of the forward: the loss is bit-identical.
     REQUIRE(partial.forward_backward(data.in(), data.out()) == full_loss);
+    index_t trainable = 0;
     for (std::size_t i = 0; i < partial.parameter_table().size(); ++i) {
-      const std::string& name = partial.parameter_table()[i].name;
-      INFO("frozen " << patterns.size() << " patterns, tensor " << name);
-      const auto got = tensor_values(partial, as_const(partial.gradients()), name);
+      const auto& p = partial.parameter_table()[i];
+      INFO("frozen " << patterns.size() << " patterns, tensor " << p.name);
       if (partial.frozen()[i]) {
-        CHECK(all_zero(got));
-      } else {
-        // Skipping other tensors' GEMMs leaves this one's arithmetic as it
-        // was: bit-identical, not merely close.
-        CHECK(got == tensor_values(full, as_const(full.gradients()), name));
+        CHECK(partial.gradient_offset(i) == -1);  // no gradient memory at all
+        continue;
       }
+      trainable += p.size();
+      const float* got = partial.gradients().data() + partial.gradient_offset(i);
+      const float* want = full.gradients().data() + full.gradient_offset(i);
+      // Skipping other tensors' GEMMs leaves this one's arithmetic as it
+      // was: bit-identical, not merely close.
+      CHECK(std::vector<float>(got, got + p.size()) == std::vector<float>(want, want + p.size()));
     }
+    // The gradient buffer holds the trainable tensors (and padding between
+    // adjacent ones), nothing frozen.
+    CHECK(partial.gradient_count() >= trainable);
+    CHECK(partial.gradient_count() <= trainable + 16 * index_t(partial.parameter_table().size()));
   }
 }
 
@@ -194,10 +187,15 @@ TEST_CASE("the optimizer over trainable slices equals the whole-buffer optimizer
   config.weight_decay = 0.2f;
   train::adamw<cpu::par_t> whole(cpu::par, n, config), sliced(cpu::par, n, slices, config);
   CHECK(sliced.layout().state_size() == 70);
+  // The sliced optimizer takes the slices' gradients packed, as nn::model::gradients() holds them.
+  std::vector<float> packed;
+  for (const auto& r : slices) packed.insert(packed.end(), g.begin() + r.offset, g.begin() + r.offset + r.size);
   for (int step = 0; step < 3; ++step) {
     whole.step(cpu::par, {p_whole.data(), {n}}, {g.data(), {n}}, decay, 1e-2f);
-    sliced.step(cpu::par, {p_sliced.data(), {n}}, {g.data(), {n}}, decay, 1e-2f);
+    sliced.step(cpu::par, {p_sliced.data(), {n}}, {packed.data(), {index_t(packed.size())}}, decay, 1e-2f);
   }
+  CHECK_THROWS_WITH(sliced.step(cpu::par, {p_sliced.data(), {n}}, {g.data(), {n}}, decay, 1e-2f),
+                    Catch::Contains("grads has 100 elements") && Catch::Contains("hold 70"));
   for (index_t i = 0; i < n; ++i) {
     INFO("element " << i);
     const bool in_slice = (i >= 10 && i < 50) || (i >= 64 && i < 94);
