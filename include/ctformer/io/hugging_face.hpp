@@ -229,6 +229,9 @@ struct hugging_face_piece {
 template <nn::model_config Cfg>
 std::map<std::string, std::vector<hugging_face_piece>> hugging_face_layout() {
   using t = nn::config_traits<Cfg>;
+  static_assert(!t::has_adapters,
+                "ctformer: a Hugging Face model folder holds a model without LoRA adapters: merge them "
+                "(nn::merge_lora) or save them alone (io::save_peft_adapter)");
   constexpr bool gpt2 = std::same_as<typename Cfg::position, nn::learned_position>;
   std::map<std::string, std::vector<hugging_face_piece>> out;
   for (const nn::parameter_info& p : nn::parameter_table_of<Cfg>()) {
@@ -326,6 +329,14 @@ class hugging_face_weights {
     }
   }
 
+  /// The tensors of one safetensors file (a PEFT adapter's, say).
+  static hugging_face_weights of_file(const std::filesystem::path& file) {
+    hugging_face_weights w;
+    w.shards_.push_back(safetensors_file::read(file));
+    for (const auto& [tensor, info] : w.shards_.front().tensors()) w.where_[tensor] = 0;
+    return w;
+  }
+
   bool contains(const std::string& name) const { return where_.count(name) != 0; }
   const safetensors_file& file_of(const std::string& name) const {
     auto it = where_.find(name);
@@ -366,6 +377,7 @@ class hugging_face_weights {
   }
 
  private:
+  hugging_face_weights() = default;
   std::vector<safetensors_file> shards_;
   std::map<std::string, std::size_t> where_;
 };
