@@ -76,6 +76,9 @@ void train_step(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(double(b * t), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["gemm_share"] = total_seconds > 0 ? ops::gemm_profile_seconds / total_seconds : 0.0;
   state.counters["params_M"] = double(model.parameter_count()) / 1e6;
+  // The activation arena a step of this shape needs (it holds the (B, H, T, T)
+  // attention probabilities, which grow with T squared).
+  state.counters["activation_MB"] = double(model.activation_bytes()) / 1e6;
   // The step's matrix products, as the model FLOPs of its forward times 3
   // (backward is two products per forward one): 2 flops per matrix weight and
   // token (the LM head included; a tied head is the embedding table), plus
