@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages ctformer builds and tests against (idempotent).
 set -euo pipefail
-packages=(cmake g++ make ninja-build ccache libboost-dev libomp-dev catch2 libbenchmark-dev libopenblas-dev
+packages=(cmake g++ make ninja-build ccache libboost-dev libomp-dev catch2 libbenchmark-dev libopenblas-dev libopenmpi-dev openmpi-bin
           nlohmann-json3-dev libcli11-dev libcpp-httplib-dev pkg-config python3 python3-venv)
 missing=()
 for p in "${packages[@]}"; do

@@ -6,16 +6,23 @@
 // (the nanoGPT CPU configuration with --preset nanogpt-cpu, the default for
 // --data) and prints a sample. The model's shape is a compile-time
 // configuration, so --preset picks one of the configurations compiled below.
+//
+// Built with MPI, it runs data-parallel under mpirun -np N: every rank trains
+// its share (--batch-size rows) of each global batch of N x --batch-size,
+// and rank 0 alone prints, writes metrics and saves checkpoints.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <limits>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "../common/presets.hpp"
 #include "ctformer/ctformer.hpp"
@@ -27,10 +34,20 @@
 #include "ctformer/nn/nn.hpp"
 #include "ctformer/train/addition_task.hpp"
 #include "ctformer/train/trainer.hpp"
+#if CTFORMER_WITH_MPI
+#include "ctformer/train/mpi_communicator.hpp"
+#endif
 
 using namespace ctformer;
 
 namespace {
+
+#if CTFORMER_WITH_MPI
+// One process on its own when no launcher started this one (mpi_environment).
+using communicator_type = train::mpi_communicator;
+#else
+using communicator_type = train::single_process;
+#endif
 
 // The compiled model configurations, shared with quantize, eval_perplexity and generate.
 using examples::addition_config;
@@ -45,7 +62,7 @@ struct options {
   int accumulation = 1, eval_batches = 20, threads = 0, sample_tokens = 300, digits = 3;
   float lr = -1, min_lr = -1, weight_decay = 0.1f, beta2 = 0.99f, clip = 1.0f, temperature = 0.8f;
   std::uint64_t seed = 1337, model_seed = 0;
-  bool quiet = false;
+  bool quiet = false, zero_1 = false;
   int decay_embeddings = -1;  // -1: the preset decides
 };
 
@@ -156,7 +173,13 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
         const train::addition_task* task) {
   using model_type = nn::model<Config, cpu::par_t>;
   using compute = typename Precision::compute_type;
-  const auto exec = cpu::par.with_threads(o.threads);
+  const communicator_type world;
+  const bool root = world.rank() == 0;  // the rank that prints and saves
+  int threads = o.threads;
+  // N ranks on one machine share its cores unless told otherwise.
+  if (threads == 0 && world.size() > 1 && std::getenv("OMP_NUM_THREADS") == nullptr)
+    threads = std::max(1, int(std::thread::hardware_concurrency()) / world.size());
+  const auto exec = cpu::par.with_threads(threads);
   if (vocab_of(tokenizer) > Config::vocab)
     throw invalid_input("train_gpt: the text has " + std::to_string(vocab_of(tokenizer)) +
                         " distinct characters but preset '" + o.preset + "' holds " + std::to_string(Config::vocab) +
@@ -169,7 +192,9 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
   train::adamw_config adam;
   adam.beta2 = o.beta2;
   adam.weight_decay = o.weight_decay;
-  train::adamw<cpu::par_t> optimizer(exec, model.parameter_count(), trainable, adam);
+  // ZeRO-1: this rank's optimizer holds the state of its shard alone.
+  const auto shard = train::shard_of(trainable, world.rank(), world.size());
+  train::adamw<cpu::par_t> optimizer(exec, model.parameter_count(), o.zero_1 ? shard.ranges : trainable, adam);
   train::warmup_cosine_schedule schedule{o.lr, o.min_lr, o.warmup, o.steps};
   train::trainer_settings settings;
   settings.batch_size = o.batch_size;
@@ -180,31 +205,46 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
   settings.eval_batches = o.eval_batches;
   settings.seed = o.seed;
   settings.decay_embeddings = o.decay_embeddings > 0;
-  train::trainer<model_type, train::adamw<cpu::par_t>, Precision, cpu::par_t> trainer(model, optimizer, schedule,
-                                                                                    settings);
+  settings.shard_optimizer_state = o.zero_1;
+  train::trainer<model_type, train::adamw<cpu::par_t>, Precision, cpu::par_t, train::warmup_cosine_schedule,
+                 communicator_type>
+      trainer(model, optimizer, schedule, settings, world);
+  const bool quiet = o.quiet || !root;
   io::training_state state;
   state.vocabulary = tokenizer.serialize();
+  // Every rank calls save (ZeRO-1 gathers the state on rank 0); rank 0 writes.
+  // The file holds the whole state, so it resumes on any number of ranks.
   auto save = [&](const std::string& path) {
-    state.optimizer_state = optimizer.state_tensors();
+    trainer.gather_optimizer_state();
+    state.optimizer_state = trainer.optimizer_state();
     state.step = trainer.step_count();
     state.optimizer_step = optimizer.step_count();
     state.rng = trainer.rng();
-    io::save_model_checkpoint(path, model, state);
+    if (root) io::save_model_checkpoint(path, model, state);  // the replicas are identical
   };
   if (!o.resume.empty()) {
-    state.optimizer_state = optimizer.state_tensors();
+    state.optimizer_state = trainer.optimizer_state();
     io::load_model_checkpoint(o.resume, model, state);
+    trainer.scatter_optimizer_state();
     optimizer.set_step_count(state.optimizer_step);
     trainer.rng() = state.rng;
-    std::printf("resumed from %s at step %lld\n", o.resume.c_str(), static_cast<long long>(state.step));
+    if (root) std::printf("resumed from %s at step %lld\n", o.resume.c_str(), static_cast<long long>(state.step));
   }
 
-  std::printf("ctformer train_gpt: preset %s, %lld parameters, %s, %d thread(s), %lld steps of %lld x %lld tokens\n",
-              o.preset.c_str(), static_cast<long long>(model.parameter_count()), std::string(Precision::name).c_str(),
-              exec.thread_count(), static_cast<long long>(o.steps), static_cast<long long>(settings.batch_size),
-              static_cast<long long>(settings.sequence_length));
-  if (!o.init.empty()) std::printf("fine-tuning from %s with a fresh optimizer and schedule\n", o.init.c_str());
-  if (!o.freeze.empty()) {
+  if (root && world.size() > 1)
+    std::printf("data-parallel over %d ranks: each trains %lld of every %lld sequences%s\n", world.size(),
+                static_cast<long long>(settings.batch_size), static_cast<long long>(world.size() * settings.batch_size),
+                o.zero_1 ? ("; ZeRO-1: optimizer state " + std::to_string(optimizer.state_bytes() / 1000000) +
+                            " MB per rank").c_str()
+                         : "");
+  if (root)
+    std::printf("ctformer train_gpt: preset %s, %lld parameters, %s, %d thread(s), %lld steps of %lld x %lld tokens\n",
+                o.preset.c_str(), static_cast<long long>(model.parameter_count()),
+                std::string(Precision::name).c_str(), exec.thread_count(), static_cast<long long>(o.steps),
+                static_cast<long long>(world.size() * settings.batch_size),
+                static_cast<long long>(settings.sequence_length));
+  if (root && !o.init.empty()) std::printf("fine-tuning from %s with a fresh optimizer and schedule\n", o.init.c_str());
+  if (root && !o.freeze.empty()) {
     std::size_t frozen_tensors = 0;
     for (bool f : model.frozen()) frozen_tensors += f;
     std::printf("frozen: %zu of %zu tensors; %lld of %lld parameters train; optimizer state %.1f MB\n",
@@ -212,8 +252,8 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
                 static_cast<long long>(model.parameter_count()), double(optimizer.state_bytes()) / 1e6);
   }
   std::optional<train::jsonl_writer> metrics;
-  if (!o.metrics.empty()) metrics.emplace(o.metrics, !o.resume.empty());
-  train::progress_bar bar(o.steps);
+  if (root && !o.metrics.empty()) metrics.emplace(o.metrics, !o.resume.empty());
+  train::progress_bar bar(o.steps, stdout, root ? std::nullopt : std::optional<bool>(false));
 
   // Held-out batches: fixed windows of the validation split, or fixed problems of the task.
   auto sample = [&](std::mt19937_64& rng, tensor_view<std::int32_t, 2> in, tensor_view<std::int32_t, 2> out) {
@@ -238,7 +278,7 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
     before.loss = std::numeric_limits<double>::quiet_NaN();
     before.val_loss = trainer.evaluate(heldout);
     if (metrics) metrics->write(before);
-    if (!o.quiet) std::printf("step     0  val_loss %.4f (before fine-tuning)\n", *before.val_loss);
+    if (!quiet) std::printf("step     0  val_loss %.4f (before fine-tuning)\n", *before.val_loss);
   }
 
   const auto start = std::chrono::steady_clock::now();
@@ -255,7 +295,7 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
       }
       if (metrics) metrics->write(m);
       bar.update(m.step, m.loss, m.tokens_per_s);
-      if (m.val_loss && !o.quiet) {
+      if (m.val_loss && !quiet) {
         bar.finish();
         std::printf("step %5lld  loss %.4f  val_loss %.4f  lr %.2e  grad_norm %.3f  %.0f tokens/s\n",
                     static_cast<long long>(m.step), m.loss, *m.val_loss, m.lr, m.grad_norm, m.tokens_per_s);
@@ -266,7 +306,7 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
   } catch (const train::training_diverged& e) {
     bar.finish();
     std::fprintf(stderr, "%s\n", e.what());
-    if (!o.save.empty())
+    if (root && !o.save.empty())
       std::fprintf(stderr, "the last good checkpoint (if one was written) is kept at %s\n", o.save.c_str());
     return 2;
   }
@@ -274,8 +314,10 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
   const double wall = seconds_since(start);
   if (!o.save.empty()) {
     save(o.save);
-    std::printf("saved %s\n", o.save.c_str());
+    if (root) std::printf("saved %s\n", o.save.c_str());
   }
+  // The other ranks hold the same model: the evaluation and sample are rank 0's.
+  if (!root) return 0;
 
   nlohmann::json summary{{"preset", o.preset},
                          {"precision", std::string(Precision::name)},
@@ -284,7 +326,8 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
                          {"val_loss", last.val_loss ? nlohmann::json(*last.val_loss) : nlohmann::json(nullptr)},
                          {"tokens_per_s", timed_steps ? tokens_per_s_sum / timed_steps : last.tokens_per_s},
                          {"wall_s", wall},
-                         {"parameters", model.parameter_count()}};
+                         {"parameters", model.parameter_count()},
+                         {"ranks", world.size()}};
   if (task) {
     std::printf("held-out problems (answers least-significant digit first, $ ends):\n");
     const double accuracy = addition_exact_match<model_type, compute>(model, *task, !o.quiet);
@@ -336,6 +379,9 @@ std::string preset_of_checkpoint(const std::string& path, const std::string& con
 }  // namespace
 
 int main(int argc, char** argv) {
+#if CTFORMER_WITH_MPI
+  train::mpi_environment mpi(argc, argv);
+#endif
   options o;
   CLI::App app{"Train a GPT-family model with ctformer, then generate"};
   app.add_option("--data", o.data, "Train character-level on this text file instead of the embedded addition task");
@@ -379,6 +425,7 @@ int main(int argc, char** argv) {
   app.add_option("--prompt", o.prompt, "Prompt for the text sample");
   app.add_option("--temperature", o.temperature, "Sampling temperature for the text sample");
   app.add_flag("--quiet", o.quiet, "Print only the summary lines");
+  app.add_flag("--zero-1", o.zero_1, "Under mpirun: shard the optimizer state across the ranks (ZeRO-1)");
   CLI11_PARSE(app, argc, argv);
 
   try {
@@ -422,6 +469,10 @@ int main(int argc, char** argv) {
     return run_with_precision<nanogpt_cpu_config>(o, tokenizer, dataset, nullptr);
   } catch (const ctformer::error& e) {
     std::fprintf(stderr, "%s\n", e.what());
+#if CTFORMER_WITH_MPI
+    // The other ranks may be waiting in a collective: end the whole job.
+    if (communicator_type{}.size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+#endif
     return 1;
   }
 }
