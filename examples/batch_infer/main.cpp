@@ -7,6 +7,12 @@
 // it skips every record already in the output. A line is written with one
 // write() and a cut-off last line (the process died inside it) is removed
 // before anything new is appended, so no id is ever written twice or half.
+//
+// Built with MPI, under mpirun -np N each rank runs the input lines whose
+// number is its rank modulo N and writes them to OUTPUT.part-R-of-N (each
+// part resumable as above); when every rank is done, rank 0 merges the
+// output and the parts into OUTPUT, in input order, atomically, and removes
+// the parts.
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <fcntl.h>
@@ -17,8 +23,10 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <set>
 #include <string>
@@ -28,6 +36,9 @@
 #include "../common/open_model.hpp"
 #include "ctformer/infer/engine.hpp"
 #include "ctformer/io/safetensors.hpp"
+#if CTFORMER_WITH_MPI
+#include "ctformer/train/mpi_communicator.hpp"
+#endif
 
 using namespace ctformer;
 using json = nlohmann::json;
@@ -44,6 +55,43 @@ struct options {
 
 using clock_type = std::chrono::steady_clock;
 
+#if CTFORMER_WITH_MPI
+// One process on its own when no launcher started this one (mpi_environment).
+using communicator_type = train::mpi_communicator;
+#else
+using communicator_type = train::single_process;
+#endif
+
+// The complete result lines of a batch_infer output file (a last line with no
+// newline is a write cut short, and not one of them), each with its input
+// line and its key: the id's JSON text, or "line N" for an id-less record.
+struct result_line {
+  std::size_t line;
+  std::string key, text;
+};
+std::vector<result_line> read_results(const std::string& path) {
+  std::vector<result_line> results;
+  std::ifstream in(path, std::ios::binary);
+  std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const std::size_t complete = content.rfind('\n') == std::string::npos ? 0 : content.rfind('\n') + 1;
+  std::size_t begin = 0, number = 0;
+  while (begin < complete) {
+    const std::size_t end = content.find('\n', begin);
+    ++number;
+    std::string text = content.substr(begin, end - begin);
+    begin = end + 1;
+    if (text.empty()) continue;
+    const json record = json::parse(text, nullptr, false);
+    if (record.is_discarded() || !record.is_object() || !record.contains("line") || !record["line"].is_number_unsigned())
+      throw invalid_input("batch_infer: " + path + " line " + std::to_string(number) +
+                          " is not a batch_infer result; refusing to append to it");
+    const std::size_t line = record["line"].get<std::size_t>();
+    std::string key = record.contains("id") && !record["id"].is_null() ? record["id"].dump() : "line " + std::to_string(line);
+    results.push_back({line, std::move(key), std::move(text)});
+  }
+  return results;
+}
+
 // The most sequences decoding together: enough rows per forward call to
 // stream each weight matrix once for many tokens.
 using batching = infer::continuous_batching<32>;
@@ -53,30 +101,28 @@ class output_file {
  public:
   // Opens `path`, reads the records it already holds and drops a last line
   // that has no newline (a write cut short by a kill).
-  explicit output_file(const std::string& path) : path_(path) {
-    std::ifstream in(path, std::ios::binary);
-    std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const std::size_t complete = content.rfind('\n') == std::string::npos ? 0 : content.rfind('\n') + 1;
-    std::size_t begin = 0, line = 0;
-    while (begin < complete) {
-      const std::size_t end = content.find('\n', begin);
-      ++line;
-      const std::string_view text(content.data() + begin, end - begin);
-      begin = end + 1;
-      if (text.empty()) continue;
-      const json record = json::parse(text, nullptr, false);
-      if (record.is_discarded() || !record.is_object() || !record.contains("line"))
-        throw invalid_input("batch_infer: " + path + " line " + std::to_string(line) +
-                            " is not a batch_infer result; refusing to append to it");
-      if (record.contains("id") && !record["id"].is_null()) done_ids_.insert(record["id"].dump());
-      else done_lines_.insert(record["line"].get<std::size_t>());
-      ++records_;
+  // `also_done`: records an earlier run finished elsewhere (the merged
+  // output, for a rank's part), skipped too.
+  explicit output_file(const std::string& path, const std::vector<result_line>& also_done = {}) : path_(path) {
+    const auto own = read_results(path);
+    records_ = own.size();
+    for (const auto* results : {&own, &also_done})
+      for (const result_line& r : *results) {
+        if (r.key.rfind("line ", 0) == 0) done_lines_.insert(r.line);
+        else done_ids_.insert(r.key);
+      }
+    std::uintmax_t complete = 0;
+    {
+      std::ifstream in(path, std::ios::binary);
+      std::string content((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      complete = content.rfind('\n') == std::string::npos ? 0 : content.rfind('\n') + 1;
+      cut_ = complete < content.size();
     }
     fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
     if (fd_ < 0) throw io_error("batch_infer: cannot open " + path + " for writing");
-    if (complete < content.size() && ::ftruncate(fd_, off_t(complete)) != 0)
+    if (cut_ && ::ftruncate(fd_, off_t(complete)) != 0)
       throw io_error("batch_infer: cannot cut the unfinished last line of " + path);
-    if (complete < content.size()) std::fprintf(stderr, "batch_infer: dropped an unfinished last line of %s\n", path.c_str());
+    if (cut_) std::fprintf(stderr, "batch_infer: dropped an unfinished last line of %s\n", path.c_str());
   }
   output_file(const output_file&) = delete;
   output_file& operator=(const output_file&) = delete;
@@ -112,8 +158,37 @@ class output_file {
   std::set<std::string> done_ids_;
   std::set<std::size_t> done_lines_;
   std::size_t records_ = 0;
+  bool cut_ = false;
   clock_type::time_point last_sync_ = clock_type::now();
 };
+
+std::string part_path(const std::string& output, int rank, int ranks) {
+  return output + ".part-" + std::to_string(rank) + "-of-" + std::to_string(ranks);
+}
+
+// Rank 0, once every rank is done: OUTPUT becomes its own records and every
+// part's, each key once, in input order, written to a new file and renamed
+// over OUTPUT; then the parts go. A kill at any point leaves OUTPUT and the
+// parts as they were or the merge complete; a rerun merges again.
+void merge_parts(const std::string& output, int ranks) {
+  std::map<std::string, result_line> by_key;
+  auto take = [&](const std::string& path) {
+    if (!std::filesystem::exists(path)) return;
+    for (auto& r : read_results(path)) by_key.try_emplace(r.key, std::move(r));
+  };
+  take(output);
+  for (int r = 0; r < ranks; ++r) take(part_path(output, r, ranks));
+  std::vector<const result_line*> ordered;
+  for (const auto& [key, r] : by_key) ordered.push_back(&r);
+  std::stable_sort(ordered.begin(), ordered.end(), [](const result_line* a, const result_line* b) { return a->line < b->line; });
+  io::detail::atomic_write(output, [&](int fd) {
+    for (const result_line* r : ordered) {
+      const std::string text = r->text + "\n";
+      io::detail::write_all(fd, text.data(), text.size(), output);
+    }
+  });
+  for (int r = 0; r < ranks; ++r) std::filesystem::remove(part_path(output, r, ranks));
+}
 
 // The fields a record may have; any other is refused (a typo would otherwise
 // run with a default silently).
@@ -222,13 +297,20 @@ std::optional<std::size_t> count_lines(const std::string& path) {
 
 template <class Model, class Tokenizer>
 int run(const options& o, Model& model, const Tokenizer& tokenizer) {
+  const communicator_type world;
+  const int ranks = world.size(), rank = world.rank();
+  if (ranks > 1 && o.input == "-")
+    throw invalid_input("batch_infer: under mpirun every rank reads the input: give --input FILE, not stdin");
   std::ifstream file;
   if (o.input != "-") {
     file.open(o.input, std::ios::binary);
     if (!file) throw io_error("batch_infer: cannot read " + o.input);
   }
   std::istream& in = o.input == "-" ? std::cin : file;
-  output_file out(o.output);
+  // Sharded: this rank's part file; what a finished earlier run merged into
+  // the output is skipped too.
+  output_file out(ranks > 1 ? part_path(o.output, rank, ranks) : o.output,
+                  ranks > 1 ? read_results(o.output) : std::vector<result_line>{});
   const std::size_t already = out.records();
 
   infer::engine_options engine_options;
@@ -243,7 +325,7 @@ int run(const options& o, Model& model, const Tokenizer& tokenizer) {
 
   std::vector<pending> flight;
   std::size_t written = 0, skipped = 0, errors = 0, prompt_tokens = 0, output_tokens = 0;
-  progress_report progress(o.progress, count_lines(o.input));
+  progress_report progress(o.progress && rank == 0, ranks > 1 ? std::nullopt : count_lines(o.input));
   const auto start = clock_type::now();
 
   auto write_finished = [&](bool block) {
@@ -309,6 +391,9 @@ int run(const options& o, Model& model, const Tokenizer& tokenizer) {
       problem = "line " + std::to_string(line) + ": id " + id.dump() + " appeared on an earlier line";
       id = nullptr;  // an error record must not write the id a second time
     }
+    // Every rank reads every line (so a repeated id is found wherever its
+    // first line ran) and runs its own.
+    if (ranks > 1 && int(line % std::size_t(ranks)) != rank) continue;
     if (id.is_null() ? out.has_line(line) : out.has_id(id.dump())) {
       ++skipped;
       continue;
@@ -343,14 +428,27 @@ int run(const options& o, Model& model, const Tokenizer& tokenizer) {
   while (!flight.empty()) write_finished(true);
   progress.update(already + written + skipped, output_tokens, true);
 
-  const double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+  double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+  if (ranks > 1) {
+    // The job's figures: every rank's records and tokens, over the slowest
+    // rank's time (the merge waits for it).
+    auto total = [&](std::size_t& n) { n = std::size_t(world.sum(double(n))); };
+    total(written), total(errors), total(skipped), total(prompt_tokens), total(output_tokens);
+    double slowest = seconds;  // each rank's time in turn, as a sum with one term
+    for (int r = 0; r < ranks; ++r) slowest = std::max(slowest, world.sum(r == rank ? seconds : 0.0));
+    seconds = slowest;
+    if (rank == 0) merge_parts(o.output, ranks);
+    world.barrier();
+    if (rank != 0) return 0;
+  }
   const double per_day = seconds > 0 ? 86400.0 / seconds : 0;
   const double input_tpd = double(prompt_tokens) * per_day, output_tpd = double(output_tokens) * per_day;
   std::fprintf(stderr,
                "-- %zu records written (%zu errors), %zu already done; %zu prompt + %zu output tokens in %.2f s\n"
-               "-- input %.3g tokens/day, output %.3g tokens/day (%s weights, %d sequences at most)\n",
+               "-- input %.3g tokens/day, output %.3g tokens/day (%s weights, %d sequences at most%s)\n",
                written, errors, skipped, prompt_tokens, output_tokens, seconds, input_tpd, output_tpd,
-               std::string(Model::format::name).c_str(), int(batching::max_requests));
+               std::string(Model::format::name).c_str(), int(batching::max_requests),
+               ranks > 1 ? (" per rank, " + std::to_string(ranks) + " ranks").c_str() : "");
   if (!o.summary_json.empty()) {
     const auto m = engine.metrics().snapshot();
     const json summary{{"records_written", written},
@@ -364,7 +462,8 @@ int run(const options& o, Model& model, const Tokenizer& tokenizer) {
                        {"preemptions", m.preemptions},
                        {"time_to_first_token_p50_seconds", m.time_to_first_token.p50},
                        {"time_per_output_token_p50_seconds", m.time_per_output_token.p50},
-                       {"weight_format", std::string(Model::format::name)}};
+                       {"weight_format", std::string(Model::format::name)},
+                       {"ranks", ranks}};
     const std::string text = summary.dump(2) + "\n";
     io::detail::atomic_write(o.summary_json, [&](int fd) { io::detail::write_all(fd, text.data(), text.size(), o.summary_json); });
   }
@@ -374,6 +473,9 @@ int run(const options& o, Model& model, const Tokenizer& tokenizer) {
 }  // namespace
 
 int main(int argc, char** argv) {
+#if CTFORMER_WITH_MPI
+  train::mpi_environment mpi(argc, argv);
+#endif
   options o;
   CLI::App app{"Offline inference over JSON Lines records, resumable"};
   app.add_option("--checkpoint", o.checkpoint,
@@ -399,6 +501,10 @@ int main(int argc, char** argv) {
         [&](auto& model, const auto& tokenizer) { return run(o, model, tokenizer); });
   } catch (const ctformer::error& e) {
     std::fprintf(stderr, "%s\n", e.what());
+#if CTFORMER_WITH_MPI
+    // The other ranks may be waiting for this one: end the whole job.
+    if (communicator_type{}.size() > 1) MPI_Abort(MPI_COMM_WORLD, 1);
+#endif
     return 1;
   }
 }

@@ -101,3 +101,23 @@ echo "rank 1 killed: the job ended in $((SECONDS - start)) s with status $status
 "$train_gpt" "${base[@]}" --batch-size 8 --steps 100000 --stop-after 6 --eval-every 0 \
   --resume "$work/killed.safetensors" > /dev/null
 echo "the checkpoint written before the kill resumes"
+
+# Rank 1 stopped (SIGSTOP: alive, never answering): rank 0 gives up after
+# --rank-timeout and names it, and the job ends.
+"$mpirun" -np 2 --oversubscribe --bind-to none "$train_gpt" "${base[@]}" --batch-size 4 --steps 100000 \
+  --eval-every 0 --checkpoint-every 5 --rank-timeout 3 --save "$work/hung.safetensors" > "$work/hung.log" 2>&1 &
+launcher=$!
+for _ in $(seq 1 300); do [[ -f $work/hung.safetensors ]] && break; sleep 0.2; done
+rank1=""
+for pid in $(pgrep -P "$launcher"); do
+  tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx OMPI_COMM_WORLD_RANK=1 && rank1=$pid
+done
+[[ -n $rank1 ]] || { echo "rank 1's process not found"; exit 1; }
+kill -STOP "$rank1"
+start=$SECONDS
+timeout 60 tail --pid="$launcher" -f /dev/null || { kill -9 "$rank1"; echo "the job outlived its hung rank by a minute"; exit 1; }
+status=0
+wait "$launcher" || status=$?
+((status != 0)) || { echo "the job exited 0 with a hung rank"; exit 1; }
+grep -q "rank 1 did not answer" "$work/hung.log" || { echo "rank 0 did not name rank 1:"; cat "$work/hung.log"; exit 1; }
+echo "rank 1 hung: the job ended in $((SECONDS - start)) s with status $status, rank 0 naming rank 1"

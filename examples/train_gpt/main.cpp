@@ -62,6 +62,7 @@ struct options {
   int accumulation = 1, eval_batches = 20, threads = 0, sample_tokens = 300, digits = 3;
   float lr = -1, min_lr = -1, weight_decay = 0.1f, beta2 = 0.99f, clip = 1.0f, temperature = 0.8f;
   std::uint64_t seed = 1337, model_seed = 0;
+  double rank_timeout = 600;
   bool quiet = false, zero_1 = false;
   int decay_embeddings = -1;  // -1: the preset decides
 };
@@ -173,7 +174,9 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
         const train::addition_task* task) {
   using model_type = nn::model<Config, cpu::par_t>;
   using compute = typename Precision::compute_type;
-  const communicator_type world;
+  communicator_type world;
+  if constexpr (requires { world.set_timeout(std::chrono::duration<double>(o.rank_timeout)); })
+    world.set_timeout(std::chrono::duration<double>(o.rank_timeout));
   const bool root = world.rank() == 0;  // the rank that prints and saves
   int threads = o.threads;
   // N ranks on one machine share its cores unless told otherwise.
@@ -426,6 +429,8 @@ int main(int argc, char** argv) {
   app.add_option("--temperature", o.temperature, "Sampling temperature for the text sample");
   app.add_flag("--quiet", o.quiet, "Print only the summary lines");
   app.add_flag("--zero-1", o.zero_1, "Under mpirun: shard the optimizer state across the ranks (ZeRO-1)");
+  app.add_option("--rank-timeout", o.rank_timeout,
+                 "Under mpirun: seconds a rank waits for the others at a collective before ending the job");
   CLI11_PARSE(app, argc, argv);
 
   try {

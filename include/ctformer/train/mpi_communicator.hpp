@@ -7,10 +7,14 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <span>
 #include <string>
+#include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "ctformer/core/core.hpp"
@@ -32,6 +36,13 @@ class mpi_error : public error {
     if (MPI_Error_string(code, text, &length) != MPI_SUCCESS) return "MPI error " + std::to_string(code);
     return std::string(text, std::size_t(length));
   }
+};
+
+/// Thrown when the other ranks do not all reach a collective within the
+/// communicator's timeout: one of them hung, or died without MPI noticing.
+class rank_timeout : public error {
+ public:
+  explicit rank_timeout(const std::string& what) : error(what) {}
 };
 
 namespace detail {
@@ -79,17 +90,20 @@ class mpi_environment {
 /// started (a process on its own) it is one process of rank 0 and every
 /// collective returns at once.
 ///
-/// The reductions are ctformer's, over MPI's data movement: a reduce-scatter
-/// is an MPI_Alltoallv (each rank receives the others' copies of its part,
-/// in blocks of 4 Mi floats) and a sum of the copies on the policy (its own
-/// copy first, then the others in rank order), so each element is summed
-/// once, by its owner, in an order that does not depend on MPI's choice of
-/// algorithm; average() is that
-/// reduce-scatter over near-equal parts and an MPI_Allgatherv, the same
-/// bits on every rank. (Moving the data with MPI and summing locally is
-/// also much faster, on one machine, than MPI_Reduce_scatter, whose
-/// implementations reduce through their own staging.) The mean is the sum
-/// scaled by 1 / size(): exact for 2 or 4 ranks.
+/// The reductions are ctformer's, over MPI's point-to-point messages: a
+/// reduce-scatter sends each other rank its part of x (in blocks of 4 Mi
+/// floats) and sums the copies it receives of its own part on the policy
+/// (its own copy first, then the others in rank order), so each element is
+/// summed once, by its owner, in an order no MPI algorithm choice changes;
+/// an all-gather sends each rank its part; average() is the two over
+/// near-equal parts, the same bits on every rank. The mean is the sum scaled
+/// by 1 / size(): exact for 2 or 4 ranks. (On one machine this is also much
+/// faster than MPI_Reduce_scatter, whose implementations reduce through their
+/// own staging.)
+///
+/// Every wait has a deadline (timeout(), ten minutes unless set): a rank
+/// whose messages do not come in time is named in a rank_timeout, so a rank
+/// that hangs or dies unnoticed fails the job instead of stalling it.
 class mpi_communicator {
  public:
   mpi_communicator() {
@@ -103,6 +117,11 @@ class mpi_communicator {
   int size() const { return size_; }
   /// Whether MPI carries this communicator (false: a process on its own).
   bool uses_mpi() const { return comm_ != MPI_COMM_NULL; }
+
+  /// How long a rank waits for another's messages before it gives up with
+  /// rank_timeout naming it. Shared by the copies of this communicator.
+  void set_timeout(std::chrono::duration<double> timeout) { state_->timeout = timeout; }
+  std::chrono::duration<double> timeout() const { return state_->timeout; }
 
   /// x becomes the mean of every rank's x, the same bits on every rank.
   /// x: (N) float, unit stride.
@@ -121,11 +140,25 @@ class mpi_communicator {
   }
 
   /// The mean of every rank's value.
-  double average(double value) const {
+  double average(double value) const { return sum(value) / double(size_); }
+
+  /// The sum of every rank's value, added in rank order: the same bits on
+  /// every rank. (Each rank sends its value to every other, so a late rank
+  /// is named here too.)
+  double sum(double value) const {
     if (size_ == 1) return value;
-    double sum = 0;
-    detail::check_mpi(MPI_Allreduce(&value, &sum, 1, MPI_DOUBLE, MPI_SUM, comm_), "MPI_Allreduce");
-    return sum / double(size_);
+    std::vector<double> values(std::size_t(size_), 0.0);
+    values[std::size_t(rank_)] = value;
+    exchange exchanged(*this, "a sum of scalars (the loss or the gradient norm)");
+    for (int k = 0; k < size_; ++k) {
+      if (k == rank_) continue;
+      exchanged.receive(&values[std::size_t(k)], 1, k);
+      exchanged.send(&value, 1, k);
+    }
+    exchanged.finish();
+    double total = 0;
+    for (double v : values) total += v;
+    return total;
   }
 
   /// x becomes root's x. x: (N) float, unit stride.
@@ -134,18 +167,16 @@ class mpi_communicator {
     require_host_memory<Exec>();
     if (size_ == 1) return;
     require_contiguous(x, "broadcast");
+    exchange exchanged(*this, "the broadcast of the parameters");
     for (index_t first = 0; first < x.size(); first += chunk) {
       const int count = int(std::min<index_t>(chunk, x.size() - first));
-      detail::check_mpi(MPI_Bcast(x.data() + first, count, MPI_FLOAT, root, comm_), "MPI_Bcast");
+      for (int r = 0; r < size_; ++r) {
+        if (r == rank_) continue;
+        if (rank_ == root) exchanged.send(x.data() + first, count, r);
+        else if (r == root) exchanged.receive(x.data() + first, count, r);
+      }
     }
-  }
-
-  /// The sum of every rank's value.
-  double sum(double value) const {
-    if (size_ == 1) return value;
-    double total = 0;
-    detail::check_mpi(MPI_Allreduce(&value, &total, 1, MPI_DOUBLE, MPI_SUM, comm_), "MPI_Allreduce");
-    return total;
+    exchanged.finish();
   }
 
   /// mine becomes the mean over the ranks of this rank's part of x (the
@@ -164,23 +195,22 @@ class mpi_communicator {
     const auto at = displacements(n);
     const std::size_t ranks = std::size_t(size_), me = std::size_t(rank_);
     const int largest = *std::max_element(n.begin(), n.end());
-    received_.resize(std::size_t(block) * (ranks - 1));
-    std::vector<int> send(ranks), send_at(ranks), receive(ranks), receive_at(ranks);
+    auto& received = state_->received;
+    received.resize(std::size_t(block) * (ranks - 1));
     auto slot = [&](std::size_t k) { return (k < me ? k : k - 1) * std::size_t(block); };  // rank k's copy
     for (int first = 0; first < largest; first += block) {
+      exchange exchanged(*this, "the gradient exchange");
       for (std::size_t k = 0; k < ranks; ++k) {
-        send[k] = k == me ? 0 : std::clamp(n[k] - first, 0, block);
-        send_at[k] = send[k] > 0 ? at[k] + first : 0;
-        receive[k] = k == me ? 0 : std::clamp(n[me] - first, 0, block);
-        receive_at[k] = k == me ? 0 : int(slot(k));
+        if (k == me) continue;
+        const int outgoing = std::clamp(n[k] - first, 0, block), incoming = std::clamp(n[me] - first, 0, block);
+        if (incoming > 0) exchanged.receive(received.data() + slot(k), incoming, int(k));
+        if (outgoing > 0) exchanged.send(x.data() + at[k] + first, outgoing, int(k));
       }
-      detail::check_mpi(MPI_Alltoallv(x.data(), send.data(), send_at.data(), MPI_FLOAT, received_.data(),
-                                      receive.data(), receive_at.data(), MPI_FLOAT, comm_),
-                        "MPI_Alltoallv");
+      exchanged.finish();
       const index_t length = std::clamp(n[me] - first, 0, block);
       if (length == 0) continue;
       auto term = [&](std::size_t k) {
-        return tensor_view<const float, 1>(k == me ? x.data() + at[me] + first : received_.data() + slot(k), {length});
+        return tensor_view<const float, 1>(k == me ? x.data() + at[me] + first : received.data() + slot(k), {length});
       };
       // The rank's own copy first (out may be that copy, as in average()),
       // then the others in rank order.
@@ -203,9 +233,13 @@ class mpi_communicator {
     if (size_ == 1) return;
     const auto n = int_counts(counts);
     const auto at = displacements(n);
-    detail::check_mpi(MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, x.data(), n.data(), at.data(), MPI_FLOAT,
-                                     comm_),
-                      "MPI_Allgatherv");
+    exchange exchanged(*this, "the all-gather");
+    for (int k = 0; k < size_; ++k) {
+      if (k == rank_) continue;
+      if (n[std::size_t(k)] > 0) exchanged.receive(x.data() + at[std::size_t(k)], n[std::size_t(k)], k);
+      if (n[std::size_t(rank_)] > 0) exchanged.send(x.data() + at[std::size_t(rank_)], n[std::size_t(rank_)], k);
+    }
+    exchanged.finish();
   }
 
   /// root's x receives every rank's part (mine, counts[rank] elements); the
@@ -215,25 +249,115 @@ class mpi_communicator {
               int root) const {
     require_host_memory<Exec>();
     require_parts(rank_ == root ? x.size() : total_of(counts), mine.size(), counts, "gather");
-    if (size_ == 1) {
-      if (mine.data() != x.data()) std::copy_n(mine.data(), mine.size(), x.data());
-      return;
-    }
+    if (mine.data() != x.data() && rank_ == root)
+      std::copy_n(mine.data(), mine.size(), x.data() + total_of(counts.first(std::size_t(rank_))));
+    if (size_ == 1) return;
     const auto n = int_counts(counts);
     const auto at = displacements(n);
-    detail::check_mpi(MPI_Gatherv(mine.data(), n[std::size_t(rank_)], MPI_FLOAT, x.data(), n.data(), at.data(),
-                                  MPI_FLOAT, root, comm_),
-                      "MPI_Gatherv");
+    exchange exchanged(*this, "the gather of the optimizer state");
+    if (rank_ == root) {
+      for (int k = 0; k < size_; ++k)
+        if (k != root && n[std::size_t(k)] > 0) exchanged.receive(x.data() + at[std::size_t(k)], n[std::size_t(k)], k);
+    } else if (n[std::size_t(rank_)] > 0) {
+      exchanged.send(mine.data(), n[std::size_t(rank_)], root);
+    }
+    exchanged.finish();
   }
 
   /// Waits until every rank has called it.
-  void barrier() const {
-    if (size_ > 1) detail::check_mpi(MPI_Barrier(comm_), "MPI_Barrier");
-  }
+  void barrier() const { sum(0.0); }
 
  private:
   static constexpr index_t chunk = index_t(1) << 30;
   static constexpr int block = 1 << 22;  // floats per part per exchange: bounds the receive buffer
+  static constexpr int tag = 0x5ca1;
+
+  // What copies of a communicator share: the deadline, and the buffer the
+  // other ranks' copies of this rank's part arrive in (one block each).
+  struct shared_state {
+    std::chrono::duration<double> timeout{600.0};
+    std::vector<float> received;
+  };
+
+  // One round of point-to-point messages, each tagged with its peer, waited
+  // for together.
+  class exchange {
+   public:
+    exchange(const mpi_communicator& c, const char* what) : c_(c), what_(what) {}
+    exchange(const exchange&) = delete;
+    exchange& operator=(const exchange&) = delete;
+    ~exchange() {
+      // Left by an exception: the job is ending; cancel what is still posted.
+      for (MPI_Request& r : requests_)
+        if (r != MPI_REQUEST_NULL) MPI_Cancel(&r);
+    }
+    template <class T>
+    void send(const T* data, int count, int peer) {
+      post(MPI_Isend(data, count, type_of<T>(), peer, tag, c_.comm_, &next()), "MPI_Isend", peer);
+    }
+    template <class T>
+    void receive(T* data, int count, int peer) {
+      post(MPI_Irecv(data, count, type_of<T>(), peer, tag, c_.comm_, &next()), "MPI_Irecv", peer);
+    }
+    void finish() {
+      c_.wait(requests_, peers_, what_);
+      requests_.clear();
+      peers_.clear();
+    }
+
+   private:
+    template <class T>
+    static MPI_Datatype type_of() {
+      static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "ctformer: exchanges carry floats or doubles");
+      return std::is_same_v<T, float> ? MPI_FLOAT : MPI_DOUBLE;
+    }
+    MPI_Request& next() {
+      requests_.push_back(MPI_REQUEST_NULL);
+      return requests_.back();
+    }
+    void post(int code, const char* call, int peer) {
+      peers_.push_back(peer);
+      detail::check_mpi(code, call);
+    }
+    const mpi_communicator& c_;
+    const char* what_;
+    std::vector<MPI_Request> requests_;
+    std::vector<int> peers_;
+  };
+
+  // Polls the requests until all are done or the deadline passes; then
+  // names the peers whose messages are still outstanding.
+  void wait(std::span<MPI_Request> requests, const std::vector<int>& peers, const char* what) const {
+    const auto start = std::chrono::steady_clock::now();
+    for (long spins = 0;; ++spins) {
+      int done = 0;
+      detail::check_mpi(MPI_Testall(int(requests.size()), requests.data(), &done, MPI_STATUSES_IGNORE), "MPI_Testall");
+      if (done) return;
+      // MPI moves the data inside these calls: spin, and only after a second
+      // (a rank that far behind is late anyway) poll gently.
+      if (spins < 100000 && (spins & 1023) != 0) continue;
+      const auto waited = std::chrono::steady_clock::now() - start;
+      if (waited > state_->timeout) throw timed_out(requests, peers, what);
+      if (waited > std::chrono::seconds(1)) std::this_thread::sleep_for(std::chrono::microseconds(200));
+    }
+  }
+
+  rank_timeout timed_out(std::span<MPI_Request> requests, const std::vector<int>& peers, const char* what) const {
+    std::vector<int> late;
+    for (std::size_t i = 0; i < peers.size(); ++i) {
+      int done = 0;
+      MPI_Test(&requests[i], &done, MPI_STATUS_IGNORE);
+      if (!done && std::find(late.begin(), late.end(), peers[i]) == late.end()) late.push_back(peers[i]);
+    }
+    std::string names;
+    for (int r : late) names += (names.empty() ? "" : ", ") + std::to_string(r);
+    const std::string seconds = std::to_string(int(state_->timeout.count()));
+    if (late.empty())
+      return rank_timeout("ctformer::train: rank " + std::to_string(rank_) + " waited " + seconds + " s at " + what +
+                          " for the other ranks: one of them hung, or died without MPI noticing");
+    return rank_timeout("ctformer::train: rank " + names + " did not answer rank " + std::to_string(rank_) + " at " +
+                        what + " within " + seconds + " s: hung, or dead without MPI noticing");
+  }
 
   // size() near-equal parts of n elements, each but the last a multiple of 16.
   std::vector<index_t> equal_parts(index_t n) const {
@@ -271,15 +395,10 @@ class mpi_communicator {
     }
     return n;
   }
-  static std::vector<int> displacements(const std::vector<int>& n) {
-    std::vector<int> at(n.size(), 0);
-    long long offset = 0;
-    for (std::size_t r = 0; r < n.size(); ++r) {
-      if (offset > std::numeric_limits<int>::max())
-        throw invalid_input("ctformer::train::mpi_communicator: a buffer of more than 2^31 elements needs more ranks");
-      at[r] = int(offset);
-      offset += n[r];
-    }
+  // Where each part starts (in elements; pointers take them, so no int limit).
+  static std::vector<std::size_t> displacements(const std::vector<int>& n) {
+    std::vector<std::size_t> at(n.size(), 0);
+    for (std::size_t r = 1; r < n.size(); ++r) at[r] = at[r - 1] + std::size_t(n[r - 1]);
     return at;
   }
   static void require_contiguous(tensor_view<float, 1> x, const char* what) {
@@ -298,7 +417,7 @@ class mpi_communicator {
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
-  mutable std::vector<float> received_;  // the other ranks' copies of this rank's part, one block each
+  std::shared_ptr<shared_state> state_ = std::make_shared<shared_state>();
 };
 
 static_assert(communicator<mpi_communicator, cpu::par_t>);
