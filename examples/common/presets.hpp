@@ -33,6 +33,11 @@ struct nanogpt_cpu_config {
   using activation = nn::gelu;
   using position = nn::learned_position;
 };
+/// A smaller student of the same vocabulary (2 layers, width 64): what
+/// train_gpt distils the nanoGPT CPU model into (--teacher).
+struct nanogpt_small_config : nanogpt_cpu_config {
+  static constexpr int d_model = 64, n_layer = 2, n_head = 4, n_kv_head = 4, d_ff = 256;
+};
 /// The same shape over raw bytes, for text with more than 65 distinct characters.
 struct bytes_config : nanogpt_cpu_config {
   static constexpr int vocab = 256;

@@ -53,13 +53,15 @@ using communicator_type = train::single_process;
 using examples::addition_config;
 using examples::bytes_config;
 using examples::nanogpt_cpu_config;
+using examples::nanogpt_small_config;
 
 struct options {
-  std::string data, preset, precision = "fp32", save, resume, init, metrics, summary_json, prompt = "\n";
+  std::string data, preset, precision = "fp32", save, resume, init, teacher, metrics, summary_json, prompt = "\n";
   std::vector<std::string> freeze;
   std::int64_t steps = -1, warmup = -1, eval_every = -1, checkpoint_every = 0, stop_after = 0;
   index_t batch_size = -1, sequence_length = -1;
   int accumulation = 1, eval_batches = 20, threads = 0, sample_tokens = 300, digits = 3;
+  float distill_alpha = 0.5f, distill_temperature = 2.0f;
   float lr = -1, min_lr = -1, weight_decay = 0.1f, beta2 = 0.99f, clip = 1.0f, temperature = 0.8f;
   std::uint64_t seed = 1337, model_seed = 0;
   double rank_timeout = 600;
@@ -284,13 +286,28 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
     if (!quiet) std::printf("step     0  val_loss %.4f (before fine-tuning)\n", *before.val_loss);
   }
 
+  // Distillation: the teacher (nanogpt-cpu, forward only) gives each
+  // micro-batch's logits.
+  std::optional<nn::model<nanogpt_cpu_config, cpu::par_t>> teacher;
+  if (!o.teacher.empty()) {
+    if constexpr (Config::vocab == nanogpt_cpu_config::vocab) {
+      teacher.emplace(exec, 0);
+      io::load_model_parameters(o.teacher, *teacher);
+      if (root)
+        std::printf("distilling from %s (alpha %.2f, temperature %.2f)\n", o.teacher.c_str(), o.distill_alpha,
+                    o.distill_temperature);
+    }
+  }
+  const nn::distillation_settings distillation{o.distill_alpha, o.distill_temperature};
+  auto teach = [&](tensor_view<const std::int32_t, 2> in) { return teacher->template logits<compute>(in); };
+
   const auto start = std::chrono::steady_clock::now();
   train::step_metrics last;
   double tokens_per_s_sum = 0;
   int timed_steps = 0;
   try {
     const std::int64_t last_step = o.stop_after > 0 ? std::min(o.steps, o.stop_after) : o.steps;
-    trainer.run(last_step, sample, heldout, [&](const train::step_metrics& m) {
+    auto on_metrics = [&](const train::step_metrics& m) {
       last = m;
       if (m.step > 5) {  // the first steps warm caches and grow buffers
         tokens_per_s_sum += m.tokens_per_s;
@@ -305,7 +322,9 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
         std::fflush(stdout);
       }
       if (o.checkpoint_every > 0 && !o.save.empty() && m.step % o.checkpoint_every == 0) save(o.save);
-    });
+    };
+    if (teacher) trainer.run(last_step, sample, teach, distillation, heldout, on_metrics);
+    else trainer.run(last_step, sample, heldout, on_metrics);
   } catch (const train::training_diverged& e) {
     bar.finish();
     std::fprintf(stderr, "%s\n", e.what());
@@ -330,7 +349,8 @@ int run(const options& o, const Tokenizer& tokenizer, const std::optional<io::te
                          {"tokens_per_s", timed_steps ? tokens_per_s_sum / timed_steps : last.tokens_per_s},
                          {"wall_s", wall},
                          {"parameters", model.parameter_count()},
-                         {"ranks", world.size()}};
+                         {"ranks", world.size()},
+                         {"teacher", o.teacher.empty() ? nlohmann::json(nullptr) : nlohmann::json(o.teacher)}};
   if (task) {
     std::printf("held-out problems (answers least-significant digit first, $ ends):\n");
     const double accuracy = addition_exact_match<model_type, compute>(model, *task, !o.quiet);
@@ -375,7 +395,9 @@ std::string preset_of_checkpoint(const std::string& path, const std::string& con
   if (config == nlohmann::json::parse(nn::config_json<addition_config>())) return "addition";
   if (config == nlohmann::json::parse(nn::config_json<nanogpt_cpu_config>())) return "nanogpt-cpu";
   if (config == nlohmann::json::parse(nn::config_json<bytes_config>())) return "bytes";
-  throw invalid_input("train_gpt: " + path + " holds a model of none of the presets (addition, nanogpt-cpu, bytes): " +
+  if (config == nlohmann::json::parse(nn::config_json<nanogpt_small_config>())) return "nanogpt-small";
+  throw invalid_input("train_gpt: " + path + " holds a model of none of the presets (addition, nanogpt-cpu, "
+                      "nanogpt-small, bytes): " +
                       config_json);
 }
 
@@ -389,8 +411,8 @@ int main(int argc, char** argv) {
   CLI::App app{"Train a GPT-family model with ctformer, then generate"};
   app.add_option("--data", o.data, "Train character-level on this text file instead of the embedded addition task");
   app.add_option("--preset", o.preset, "Model configuration: addition (default without --data), nanogpt-cpu "
-                                       "(default with --data), bytes")
-      ->check(CLI::IsMember({"addition", "nanogpt-cpu", "bytes"}));
+                                       "(default with --data), nanogpt-small (a distillation student), bytes")
+      ->check(CLI::IsMember({"addition", "nanogpt-cpu", "nanogpt-small", "bytes"}));
   app.add_option("--precision", o.precision, "fp32 or bf16 (bf16 GEMMs, fp32 master weights)")
       ->check(CLI::IsMember({"fp32", "bf16"}));
   app.add_option("--steps", o.steps, "Optimizer steps (default: 4000 addition, 2000 text)");
@@ -422,6 +444,11 @@ int main(int argc, char** argv) {
   app.add_option("--freeze", o.freeze, "Parameters that do not train, as name patterns: '*' any text, [a-b] a "
                                        "number in a range; e.g. 'token_embedding.*,blocks.[0-1].*,*norm.*'")
       ->delimiter(',');
+  app.add_option("--teacher", o.teacher, "Distil: a nanogpt-cpu checkpoint whose logits teach this run's model "
+                                         "(its tokenizer is the run's)");
+  app.add_option("--distill-alpha", o.distill_alpha, "Distillation: weight of the labels' cross-entropy (the "
+                                                     "teacher's KL gets 1 - alpha)");
+  app.add_option("--distill-temperature", o.distill_temperature, "Distillation: softmax temperature T");
   app.add_option("--metrics", o.metrics, "Append per-step metrics here as JSON Lines");
   app.add_option("--summary-json", o.summary_json, "Write the final figures here as one JSON object");
   app.add_option("--sample-tokens", o.sample_tokens, "Characters to generate after training on text");
@@ -453,6 +480,7 @@ int main(int argc, char** argv) {
       throw invalid_input("train_gpt: --preset " + o.preset + " trains on text: give --data FILE");
     apply_preset_defaults(o);
     if (o.preset == "addition") {
+      if (!o.teacher.empty()) throw invalid_input("train_gpt: --teacher distils text presets, not the addition task");
       train::addition_task task(o.digits);
       if (task.context_length() > addition_config::max_seq)
         throw invalid_input("train_gpt: " + std::to_string(o.digits) + "-digit problems need a context of " +
@@ -463,14 +491,29 @@ int main(int argc, char** argv) {
     if (o.sequence_length > nanogpt_cpu_config::max_seq)
       throw invalid_input("train_gpt: --seq-len " + std::to_string(o.sequence_length) + " exceeds the preset's context " +
                           std::to_string(nanogpt_cpu_config::max_seq));
+    if (!o.teacher.empty() && o.preset != "nanogpt-small" && o.preset != "nanogpt-cpu")
+      throw invalid_input("train_gpt: --teacher distils into a character-level preset (nanogpt-small or "
+                          "nanogpt-cpu), not " + o.preset);
     if (o.preset == "bytes") {
       io::byte_tokenizer tokenizer;
       std::optional<io::text_dataset> dataset(io::text_dataset::from_file(o.data, tokenizer, o.sequence_length));
       return run_with_precision<bytes_config>(o, tokenizer, dataset, nullptr);
     }
-    const auto tokenizer = source ? io::char_tokenizer::deserialize(source->vocabulary)
-                                  : io::char_tokenizer::from_text(io::read_text_file(o.data));
+    // A distilled student reads the text with its teacher's vocabulary.
+    std::optional<io::checkpoint_metadata> teacher;
+    if (!o.teacher.empty()) {
+      teacher = io::read_checkpoint_metadata(o.teacher);
+      if (preset_of_checkpoint(o.teacher, teacher->config_json) != "nanogpt-cpu")
+        throw invalid_input("train_gpt: --teacher " + o.teacher + " must hold a nanogpt-cpu model (the students "
+                            "share its 65-character vocabulary)");
+      if (source && source->vocabulary != teacher->vocabulary)
+        throw invalid_input("train_gpt: " + o.teacher + " and the student's checkpoint have other tokenizers");
+    }
+    const auto tokenizer = source    ? io::char_tokenizer::deserialize(source->vocabulary)
+                           : teacher ? io::char_tokenizer::deserialize(teacher->vocabulary)
+                                     : io::char_tokenizer::from_text(io::read_text_file(o.data));
     std::optional<io::text_dataset> dataset(io::text_dataset::from_file(o.data, tokenizer, o.sequence_length));
+    if (o.preset == "nanogpt-small") return run_with_precision<nanogpt_small_config>(o, tokenizer, dataset, nullptr);
     return run_with_precision<nanogpt_cpu_config>(o, tokenizer, dataset, nullptr);
   } catch (const ctformer::error& e) {
     std::fprintf(stderr, "%s\n", e.what());

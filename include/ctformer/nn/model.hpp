@@ -44,6 +44,14 @@ class arena_carver {
   index_t used_ = 0;
 };
 
+/// Knowledge distillation's mix: the loss is alpha x cross-entropy on the
+/// labels plus (1 - alpha) x T^2 x KL(teacher || student) at temperature T
+/// (ops::distillation_loss_forward).
+struct distillation_settings {
+  float alpha = 0.5f;
+  float temperature = 2.0f;
+};
+
 /// A decoder-only Transformer whose dimensions come from Cfg and whose
 /// operations run on Exec. Holds the parameters, their gradients (same
 /// layout) and an activation arena sized for the largest (batch, sequence)
@@ -163,6 +171,40 @@ class model {
                          float grad_scale = 1.0f) {
     const float loss = forward<Compute>(inputs, targets);
     backward<Compute>(grad_scale);
+    return loss;
+  }
+
+  /// forward_backward with the distillation loss against a teacher's logits
+  /// for the same batch: returns the mean of alpha x CE + (1 - alpha) x T^2
+  /// x KL over the positions whose target is not negative, and adds its
+  /// gradient times grad_scale. The teacher runs elsewhere (forward only;
+  /// any model of the same vocabulary, or logits saved to a file).
+  /// teacher_logits: (B, T, V) float in the policy's memory.
+  template <class Compute = float>
+  float forward_backward_distilled(tensor_view<const std::int32_t, 2> inputs,
+                                   tensor_view<const std::int32_t, 2> targets,
+                                   tensor_view<const float, 3> teacher_logits, distillation_settings settings,
+                                   float grad_scale = 1.0f) {
+    if (teacher_logits.extent(0) != inputs.extent(0) || teacher_logits.extent(1) != inputs.extent(1) ||
+        teacher_logits.extent(2) != vocab)
+      throw shape_error("ctformer::model::forward_backward_distilled: teacher_logits has shape " +
+                        shape_string(teacher_logits) + ", expected (" + std::to_string(inputs.extent(0)) + ", " +
+                        std::to_string(inputs.extent(1)) + ", " + std::to_string(vocab) + ")");
+    forward<Compute>(inputs, targets);
+    const step_views& s = step_;
+    const tensor_view<const float, 2> teacher(teacher_logits.data(), {s.logits.extent(0), vocab});
+    ops::distillation_loss_forward(exec_, s.logits, teacher, s.targets, settings.alpha, settings.temperature,
+                                   s.losses);
+    const float loss = mean_loss();
+    teacher_ = teacher;
+    distillation_ = settings;
+    try {
+      backward<Compute>(grad_scale);
+    } catch (...) {
+      teacher_ = {};
+      throw;
+    }
+    teacher_ = {};
     return loss;
   }
 
@@ -381,7 +423,14 @@ class model {
     if (!with_targets) return 0.0f;
 
     ops::softmax_cross_entropy_forward(exec_, s.logits, s.targets, s.losses);
-    ops::copy(exec_, as_const(s.losses), tensor_view<float, 1>(arena_.host_losses.data(), {n}));
+    return mean_loss();
+  }
+
+  // The mean of step_.losses over the positions with a target (and their count).
+  float mean_loss() {
+    const index_t n = batch_ * seq_;
+    const std::int32_t* host = arena_.host_ints.data();
+    ops::copy(exec_, as_const(step_.losses), tensor_view<float, 1>(arena_.host_losses.data(), {n}));
     exec_.synchronize();
     double sum = 0;
     counted_targets_ = 0;
@@ -416,7 +465,11 @@ class model {
     const auto operand = operand_of<Compute>();
     const auto& d = s.gradient;
     const auto& frozen = frozen_flags_;
-    ops::softmax_cross_entropy_backward(exec_, s.logits, s.targets, grad_scale / float(counted_targets_), s.logits);
+    if (teacher_.data() != nullptr)
+      ops::distillation_loss_backward(exec_, s.logits, teacher_, s.targets, distillation_.alpha,
+                                      distillation_.temperature, grad_scale / float(counted_targets_), s.logits);
+    else
+      ops::softmax_cross_entropy_backward(exec_, s.logits, s.targets, grad_scale / float(counted_targets_), s.logits);
     // logits = final_norm_out lm_head^T
     if (!frozen.lm_head)
       ops::linear_backward_weight(exec_, as_const(s.logits), as_const(s.final_norm_out), operand(params_.lm_head),
@@ -576,6 +629,9 @@ class model {
   activation_arena arena_;
   step_views step_{};
   index_t batch_ = 0, seq_ = 0, counted_targets_ = 0;
+  // Set only inside forward_backward_distilled: the teacher's (B x T, V) logits.
+  tensor_view<const float, 2> teacher_{};
+  distillation_settings distillation_{};
 };
 
 /// Folds a LoRA model's adapters into a model of its base configuration:

@@ -1,4 +1,6 @@
-// ops::softmax_cross_entropy_*: the fused softmax + cross-entropy loss over a vocabulary.
+// ops::softmax_cross_entropy_*: the fused softmax + cross-entropy loss over a
+// vocabulary; ops::distillation_loss_*: the same mixed with the tempered KL
+// divergence from a teacher's distribution (knowledge distillation).
 #pragma once
 
 #include <cstdint>
@@ -39,6 +41,54 @@ void softmax_cross_entropy_backward(const P& exec, const L& logits, const Tgt& t
     softmax_cross_entropy_backward_impl(exec, as_const(logits), as_const(targets), grad_scale, dlogits);
   } else {
     static_assert(dependent_false<P, L>, "ctformer: softmax_cross_entropy_backward has no implementation for this execution policy and these number types");
+  }
+}
+
+/// Knowledge distillation (Hinton et al.): losses[n] = alpha * CE(logits[n],
+/// targets[n]) + (1 - alpha) * T^2 * KL(softmax(teacher[n] / T) ||
+/// softmax(logits[n] / T)); 0 where the target is negative. T^2 keeps the
+/// soft term's gradient on the hard term's scale as T grows.
+/// logits, teacher_logits: (N, V) float; targets: (N) int32; losses: (N).
+/// Throws invalid_input for alpha outside [0, 1] or T <= 0.
+template <execution_policy P, view_of_rank<2> L, view_of_rank<2> TL, view_of_rank<1> Tgt, view_of_rank<1> Loss>
+  requires writable_view<Loss>
+void distillation_loss_forward(const P& exec, const L& logits, const TL& teacher_logits, const Tgt& targets,
+                               float alpha, float temperature, const Loss& losses) {
+  static_assert(std::is_same_v<typename Tgt::value_type, std::int32_t>, "ctformer: targets are int32 token ids");
+  require_same_shape("distillation_loss_forward", "logits", logits, "teacher_logits", teacher_logits);
+  require_same_extent("distillation_loss_forward", "targets", targets, 0, "logits", logits, 0);
+  require_same_extent("distillation_loss_forward", "losses", losses, 0, "logits", logits, 0);
+  if constexpr (requires {
+                  distillation_loss_forward_impl(exec, as_const(logits), as_const(teacher_logits), as_const(targets),
+                                                 alpha, temperature, losses);
+                }) {
+    distillation_loss_forward_impl(exec, as_const(logits), as_const(teacher_logits), as_const(targets), alpha,
+                                   temperature, losses);
+  } else {
+    static_assert(dependent_false<P, L>, "ctformer: distillation_loss_forward has no implementation for this execution policy and these number types");
+  }
+}
+
+/// The gradient of grad_scale * sum(losses) of distillation_loss_forward:
+/// dlogits[n] = grad_scale * (alpha * (softmax(logits[n]) - onehot) +
+/// (1 - alpha) * T * (softmax(logits[n] / T) - softmax(teacher[n] / T))), 0
+/// where the target is negative. dlogits may alias logits (in place).
+template <execution_policy P, view_of_rank<2> L, view_of_rank<2> TL, view_of_rank<1> Tgt, view_of_rank<2> DL>
+  requires writable_view<DL>
+void distillation_loss_backward(const P& exec, const L& logits, const TL& teacher_logits, const Tgt& targets,
+                                float alpha, float temperature, float grad_scale, const DL& dlogits) {
+  static_assert(std::is_same_v<typename Tgt::value_type, std::int32_t>, "ctformer: targets are int32 token ids");
+  require_same_shape("distillation_loss_backward", "logits", logits, "teacher_logits", teacher_logits);
+  require_same_extent("distillation_loss_backward", "targets", targets, 0, "logits", logits, 0);
+  require_same_shape("distillation_loss_backward", "logits", logits, "dlogits", dlogits);
+  if constexpr (requires {
+                  distillation_loss_backward_impl(exec, as_const(logits), as_const(teacher_logits), as_const(targets),
+                                                  alpha, temperature, grad_scale, dlogits);
+                }) {
+    distillation_loss_backward_impl(exec, as_const(logits), as_const(teacher_logits), as_const(targets), alpha,
+                                    temperature, grad_scale, dlogits);
+  } else {
+    static_assert(dependent_false<P, L>, "ctformer: distillation_loss_backward has no implementation for this execution policy and these number types");
   }
 }
 

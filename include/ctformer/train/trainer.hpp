@@ -15,6 +15,7 @@
 
 #include "ctformer/core/core.hpp"
 #include "ctformer/exec/exec.hpp"
+#include "ctformer/nn/model.hpp"
 #include "ctformer/train/clipping.hpp"
 #include "ctformer/train/communicator.hpp"
 #include "ctformer/train/metrics.hpp"
@@ -58,6 +59,13 @@ struct trainer_settings {
 template <class F>
 concept batch_sampler = requires(F& f, std::mt19937_64& rng, tensor_view<std::int32_t, 2> in,
                                  tensor_view<std::int32_t, 2> out) { f(rng, in, out); };
+/// A distillation teacher: f(inputs (B, T)) gives its logits (B, T, V) in the
+/// student's memory, valid until the next call (a trained nn::model's
+/// logits(), or logits read back from a file).
+template <class F>
+concept teacher_logits = requires(F& f, tensor_view<const std::int32_t, 2> in) {
+  { f(in) } -> std::convertible_to<tensor_view<const float, 3>>;
+};
 /// A function filling held-out batch i: f(i, inputs (B, T), targets (B, T)).
 template <class F>
 concept heldout_batches = requires(F& f, int i, tensor_view<std::int32_t, 2> in, tensor_view<std::int32_t, 2> out) {
@@ -120,6 +128,28 @@ class trainer {
   /// loss or the gradient norm is not finite.
   template <batch_sampler Sampler>
   step_metrics step(Sampler&& sample) {
+    return step_with(sample, [&](tensor_view<const std::int32_t, 2> in, tensor_view<const std::int32_t, 2> tgt,
+                                 float scale) {
+      return model_.template forward_backward<compute_type>(in, tgt, scale);
+    });
+  }
+
+  /// One step of knowledge distillation: the loss mixes the labels'
+  /// cross-entropy with the KL divergence from the teacher's logits for the
+  /// same micro-batch (nn::model::forward_backward_distilled). The teacher
+  /// only runs forward; held-out evaluation stays the labels' cross-entropy.
+  template <batch_sampler Sampler, teacher_logits Teacher>
+  step_metrics step(Sampler&& sample, Teacher&& teacher, nn::distillation_settings distillation) {
+    return step_with(sample, [&](tensor_view<const std::int32_t, 2> in, tensor_view<const std::int32_t, 2> tgt,
+                                 float scale) {
+      const tensor_view<const float, 3> logits = teacher(in);
+      return model_.template forward_backward_distilled<compute_type>(in, tgt, logits, distillation, scale);
+    });
+  }
+
+ private:
+  template <class Sampler, class ForwardBackward>
+  step_metrics step_with(Sampler& sample, ForwardBackward&& forward_backward) {
     const auto start = std::chrono::steady_clock::now();
     const std::int64_t step_index = optimizer_.step_count();
     model_.zero_gradients();
@@ -129,7 +159,7 @@ class trainer {
       // The whole global batch is drawn on every rank (drawing is cheap), so
       // the stream of samples does not depend on the number of ranks.
       sample(rng_, global_view(inputs_), global_view(targets_));
-      loss += model_.template forward_backward<compute_type>(rank_view(inputs_), rank_view(targets_), micro_scale);
+      loss += forward_backward(as_const(rank_view(inputs_)), as_const(rank_view(targets_)), micro_scale);
     }
     loss /= settings_.accumulation_steps;
     if (communicator_.size() > 1) loss = communicator_.average(loss);
@@ -163,6 +193,8 @@ class trainer {
     return m;
   }
 
+ public:
+
   /// Mean loss over settings.eval_batches held-out batches (no gradients), of
   /// size() x batch_size sequences each, every rank scoring its own rows.
   template <heldout_batches Heldout>
@@ -182,13 +214,27 @@ class trainer {
   /// end; calls on_metrics(step_metrics) after every step.
   template <batch_sampler Sampler, heldout_batches Heldout, class OnMetrics>
   void run(std::int64_t total_steps, Sampler&& sample, Heldout&& heldout, OnMetrics&& on_metrics) {
+    run_with(total_steps, [&] { return step(sample); }, heldout, on_metrics);
+  }
+  /// run() with distillation steps.
+  template <batch_sampler Sampler, teacher_logits Teacher, heldout_batches Heldout, class OnMetrics>
+  void run(std::int64_t total_steps, Sampler&& sample, Teacher&& teacher, nn::distillation_settings distillation,
+           Heldout&& heldout, OnMetrics&& on_metrics) {
+    run_with(total_steps, [&] { return step(sample, teacher, distillation); }, heldout, on_metrics);
+  }
+
+ private:
+  template <class Step, class Heldout, class OnMetrics>
+  void run_with(std::int64_t total_steps, Step&& one_step, Heldout& heldout, OnMetrics& on_metrics) {
     while (optimizer_.step_count() < total_steps) {
-      step_metrics m = step(sample);
+      step_metrics m = one_step();
       if ((settings_.eval_every > 0 && m.step % settings_.eval_every == 0) || m.step == total_steps)
         m.val_loss = evaluate(heldout);
       on_metrics(m);
     }
   }
+
+ public:
 
   /// Tokens of one optimizer step over all ranks.
   index_t tokens_per_step() const {
