@@ -185,6 +185,8 @@ class model {
                                    tensor_view<const std::int32_t, 2> targets,
                                    tensor_view<const float, 3> teacher_logits, distillation_settings settings,
                                    float grad_scale = 1.0f) {
+    static_assert(ops::has_distillation_loss<Exec>,
+                  "ctformer: distillation has no kernel for this execution policy yet (the CPU has one)");
     if (teacher_logits.extent(0) != inputs.extent(0) || teacher_logits.extent(1) != inputs.extent(1) ||
         teacher_logits.extent(2) != vocab)
       throw shape_error("ctformer::model::forward_backward_distilled: teacher_logits has shape " +
@@ -465,10 +467,14 @@ class model {
     const auto operand = operand_of<Compute>();
     const auto& d = s.gradient;
     const auto& frozen = frozen_flags_;
-    if (teacher_.data() != nullptr)
-      ops::distillation_loss_backward(exec_, s.logits, teacher_, s.targets, distillation_.alpha,
-                                      distillation_.temperature, grad_scale / float(counted_targets_), s.logits);
-    else
+    bool distilled = false;
+    if constexpr (ops::has_distillation_loss<Exec>)
+      if (teacher_.data() != nullptr) {
+        ops::distillation_loss_backward(exec_, s.logits, teacher_, s.targets, distillation_.alpha,
+                                        distillation_.temperature, grad_scale / float(counted_targets_), s.logits);
+        distilled = true;
+      }
+    if (!distilled)
       ops::softmax_cross_entropy_backward(exec_, s.logits, s.targets, grad_scale / float(counted_targets_), s.logits);
     // logits = final_norm_out lm_head^T
     if (!frozen.lm_head)

@@ -69,6 +69,14 @@ void distillation_loss_forward(const P& exec, const L& logits, const TL& teacher
   }
 }
 
+/// Whether policy P has the distillation kernels (the CPU has; CUDA not yet).
+template <class P>
+inline constexpr bool has_distillation_loss =
+    requires(const P& exec, tensor_view<const float, 2> logits, tensor_view<const std::int32_t, 1> targets,
+             tensor_view<float, 2> dlogits) {
+      distillation_loss_backward_impl(exec, logits, logits, targets, 0.5f, 1.0f, 1.0f, dlogits);
+    };
+
 /// The gradient of grad_scale * sum(losses) of distillation_loss_forward:
 /// dlogits[n] = grad_scale * (alpha * (softmax(logits[n]) - onehot) +
 /// (1 - alpha) * T * (softmax(logits[n] / T) - softmax(teacher[n] / T))), 0
