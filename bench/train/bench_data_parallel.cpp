@@ -141,7 +141,6 @@ void data_parallel_step(benchmark::State& state) {
   state.counters["allreduce_MB"] = double(model.gradient_count()) * sizeof(float) / 1e6;
   state.counters["state_MB"] = double(optimizer.state_bytes()) / 1e6;
   state.counters["comm_share"] = seconds > 0 ? communication_seconds / seconds : 0.0;
-  state.counters["hidden_share"] = 0.0;  // the all-reduce runs after the backward, nothing overlaps yet
   state.counters["params_M"] = double(model.parameter_count()) / 1e6;
   state.counters["peak_GFLOP/s"] = bench::fma_peak_once(threads) * world.size();
 }
