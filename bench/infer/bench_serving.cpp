@@ -8,7 +8,9 @@
 // decode-heavy, where how sequences share steps decides the throughput. The seeds
 // are fixed, so every policy serves the same requests at the same times.
 // Goodput counts the requests per second that meet both TTFT <= 4 s and
-// TPOT <= 0.25 s.
+// TPOT <= 0.25 s. Prefix caching: a shared-prefix workload (every prompt is
+// one 512-token system prompt and its own question) with the cache on and
+// off, and the time to first token of a repeated 1,000-token prompt.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -27,7 +29,7 @@ namespace {
 
 struct llama_110m {
   static constexpr int vocab = 32000, d_model = 768, n_layer = 12, n_head = 12, n_kv_head = 12, d_ff = 2048,
-                       max_seq = 512;
+                       max_seq = 1024;
   static constexpr float rope_base = 10000.0f;
   using norm = nn::rms_norm;
   using activation = nn::swiglu;
@@ -83,13 +85,35 @@ double percentile(std::vector<double> v, double q) {
   return v.empty() ? 0 : v[std::min(v.size() - 1, std::size_t(q * double(v.size() - 1) + 0.5))];
 }
 
+// Every prompt opens with the same 512-token system prompt, then a question
+// of uniform [16, 64] tokens; answers of uniform [16, 64] tokens.
+std::vector<workload_item> shared_prefix_workload(double rate) {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> question_length(16, 64), output_length(16, 64), token(0, llama_110m::vocab - 1);
+  std::exponential_distribution<double> gap(rate > 0 ? rate : 1.0);
+  std::vector<std::int32_t> system(512);
+  for (auto& x : system) x = token(rng);
+  std::vector<workload_item> items;
+  double t = 0;
+  for (int i = 0; i < requests_per_run / 2; ++i) {
+    infer::request r;
+    r.prompt = system;
+    r.prompt.resize(system.size() + std::size_t(question_length(rng)));
+    for (std::size_t j = system.size(); j < r.prompt.size(); ++j) r.prompt[j] = token(rng);
+    r.max_tokens = output_length(rng);
+    r.sampling.temperature = 0;
+    items.push_back({t, std::move(r)});
+    if (rate > 0) t += gap(rng);
+  }
+  return items;
+}
+
 template <class Batching>
-void serve_load(benchmark::State& state) {
-  const double rate = double(state.range(0)) / 10.0;
+void run_load(benchmark::State& state, const std::vector<workload_item>& items, infer::engine_options options) {
   model_type& m = model();
-  const auto items = workload(rate);
+  const double rate = double(state.range(0)) / 10.0;
   for (auto _ : state) {
-    infer::engine<model_type, Batching> engine(m, {});
+    infer::engine<model_type, Batching> engine(m, options);
     std::vector<infer::request_handle> handles;
     const auto start = std::chrono::steady_clock::now();
     for (const auto& item : items) {
@@ -118,9 +142,46 @@ void serve_load(benchmark::State& state) {
     state.counters["tpot_p50_s"] = percentile(tpot, 0.5);
     state.counters["tpot_p99_s"] = percentile(tpot, 0.99);
     state.counters["goodput_requests_per_s"] = double(good) / seconds;
-    state.counters["preemptions"] = double(engine.metrics().snapshot().preemptions);
+    const auto metrics = engine.metrics().snapshot();
+    state.counters["preemptions"] = double(metrics.preemptions);
+    state.counters["prefix_cache_hit_rate"] = metrics.prefix_cache_hit_rate;
   }
   state.SetLabel(rate > 0 ? "poisson" : "all at once");
+}
+
+template <class Batching>
+void serve_load(benchmark::State& state) {
+  run_load<Batching>(state, workload(double(state.range(0)) / 10.0), {});
+}
+
+template <bool PrefixCaching>
+void serve_shared_prefix(benchmark::State& state) {
+  run_load<infer::continuous_batching<16, 256, 128>>(state, shared_prefix_workload(double(state.range(0)) / 10.0),
+                                                     {.prefix_caching = PrefixCaching});
+}
+
+// One 1,000-token prompt, then the same prompt again (one output token
+// each): the repeat's time to first token is its prefill, which the prefix
+// cache cuts to the positions after the last whole cached block.
+template <bool PrefixCaching>
+void repeated_prompt(benchmark::State& state) {
+  model_type& m = model();
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> token(0, llama_110m::vocab - 1);
+  infer::request r;
+  r.prompt.resize(1000);
+  for (auto& x : r.prompt) x = token(rng);
+  r.max_tokens = 1;
+  for (auto _ : state) {
+    infer::engine<model_type, infer::continuous_batching<16, 256, 128>> engine(m, {.prefix_caching = PrefixCaching});
+    const double first = engine.submit(r).wait().first_token_seconds;
+    const double repeat = engine.submit(r).wait().first_token_seconds;
+    state.SetIterationTime(repeat);
+    state.counters["ttft_first_s"] = first;
+    state.counters["ttft_repeat_s"] = repeat;
+    state.counters["first_over_repeat"] = first / repeat;
+    state.counters["prefill_tokens_per_s"] = 1000.0 / first;
+  }
 }
 
 // Arrival rates in tenths of a request per second; 0: every request at once.
@@ -129,6 +190,10 @@ void serve_load(benchmark::State& state) {
 BENCHMARK(serve_load<infer::static_batching<16>>) SERVING_RATES;
 BENCHMARK(serve_load<infer::dynamic_batching<16, 250>>) SERVING_RATES;
 BENCHMARK(serve_load<infer::continuous_batching<16, 256, 128>>) SERVING_RATES;
+BENCHMARK(serve_shared_prefix<false>)->Arg(10)->Arg(20)->UseManualTime()->Iterations(1)->Unit(benchmark::kSecond);
+BENCHMARK(serve_shared_prefix<true>)->Arg(10)->Arg(20)->UseManualTime()->Iterations(1)->Unit(benchmark::kSecond);
+BENCHMARK(repeated_prompt<false>)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(repeated_prompt<true>)->UseManualTime()->Iterations(1)->Unit(benchmark::kMillisecond);
 
 }  // namespace
 

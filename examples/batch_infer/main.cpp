@@ -50,7 +50,7 @@ struct options {
   int threads = 0, max_tokens = 128, top_k = 0;
   float temperature = 0.8f, top_p = 1.0f, min_p = 0.0f, repetition_penalty = 1.0f;
   std::uint64_t seed = 0x5eed;
-  bool progress = true;
+  bool progress = true, prefix_caching = true;
 };
 
 using clock_type = std::chrono::steady_clock;
@@ -319,6 +319,7 @@ int run(const options& o, Model& model, const Tokenizer& tokenizer) {
     return tokenizer.decode(one);
   };
   engine_options.sampled_vocabulary = std::min(index_t(Model::vocab), examples::tokenizer_vocabulary(tokenizer));
+  engine_options.prefix_caching = o.prefix_caching;
   infer::engine<Model, batching> engine(model, engine_options);
   // Enough records in flight to keep every sequence slot busy while some finish.
   const std::size_t in_flight_limit = 2 * std::size_t(batching::max_requests);
@@ -494,6 +495,8 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads, "CPU threads (0: all)");
   app.add_option("--summary-json", o.summary_json, "Write token counts and tokens/day here");
   app.add_flag("!--no-progress", o.progress, "No progress report on stderr");
+  app.add_flag("!--no-prefix-caching", o.prefix_caching,
+               "Prefill every prompt in full (by default prompts that begin with cached KV blocks reuse them)");
   CLI11_PARSE(app, argc, argv);
   try {
     return examples::with_inference_model<infer::kv::paged<16, float>>(

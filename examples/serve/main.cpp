@@ -23,6 +23,7 @@ namespace {
 struct options {
   std::string checkpoint, host = "127.0.0.1", model_name;
   int port = 8000, threads = 0, queue_capacity = 256, retry_after = 1, default_max_tokens = 256;
+  bool prefix_caching = true;
 };
 
 // Sequences decoding together, and the KV cache's block size in positions.
@@ -44,6 +45,8 @@ int main(int argc, char** argv) {
   app.add_option("--queue-capacity", o.queue_capacity, "Requests that may wait; one more gets 429");
   app.add_option("--retry-after", o.retry_after, "Retry-After seconds of a 429");
   app.add_option("--default-max-tokens", o.default_max_tokens, "Chat requests without max_tokens");
+  app.add_flag("!--no-prefix-caching", o.prefix_caching,
+               "Prefill every prompt in full (by default prompts that begin with cached KV blocks reuse them)");
   CLI11_PARSE(app, argc, argv);
   if (o.model_name.empty()) {
     std::string path = o.checkpoint;
@@ -98,6 +101,7 @@ int main(int argc, char** argv) {
           return open([&](Model& model, const Tokenizer& tokenizer) {
             infer::engine_options engine_options;
             engine_options.queue_capacity = o.queue_capacity;
+            engine_options.prefix_caching = o.prefix_caching;
             engine_options.token_text = [&](std::int32_t t) {
               const std::int32_t one[] = {t};
               return tokenizer.decode(one);

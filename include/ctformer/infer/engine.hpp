@@ -64,6 +64,11 @@ struct engine_options {
   /// A model whose vocabulary is padded past its tokenizer's (to a multiple
   /// of the GEMM tile) sets the tokenizer's size here.
   index_t sampled_vocabulary = 0;
+  /// Requests whose tokens begin with full KV blocks another request
+  /// computed (a shared system prompt, a repeated prompt, a preempted
+  /// sample recomputed) attach those blocks instead of prefilling them
+  /// (a paged cache whose layers are all global; elsewhere it does nothing).
+  bool prefix_caching = true;
 };
 
 namespace detail {
@@ -181,8 +186,15 @@ class request_handle {
 /// the same sampler, so its tokens are the ones it would have drawn anyway.
 ///
 /// The n samples of a request share one prefill: the first sample runs the
-/// prompt, and its cached prompt is forked (copied) for the others at their
-/// first token; each sample i draws with seed sampling.seed + i.
+/// prompt, and its cached prompt is forked for the others at their first
+/// token (a paged cache shares the full blocks and copies the last partial
+/// one); each sample i draws with seed sampling.seed + i.
+///
+/// With prefix caching (engine_options::prefix_caching, on by default) every
+/// sample files its full blocks after each step, and a sample that opens a
+/// sequence (a new request, or a preempted one coming back) first attaches
+/// the longest run of filed blocks its tokens begin with; the blocks of
+/// finished requests stay cached, as free blocks, until the pool needs them.
 ///
 /// Every accepted request ends: with its tokens (stop or length), cancelled,
 /// or with an error naming the problem (a failed forward call fails the
@@ -498,6 +510,7 @@ class engine {
       preempted_.push_back(std::move(run));  // starts when a slot frees
       return;
     }
+    attach_cached_prefix(*run);
     running_.push_back(std::move(run));
   }
 
@@ -513,9 +526,18 @@ class engine {
         break;
       }
       r.cached = 0;
+      attach_cached_prefix(r);
       running_.push_back(std::move(preempted_.front()));
       preempted_.pop_front();
     }
+  }
+
+  // A sample just given an empty sequence starts from the cached blocks its
+  // tokens begin with (the prefix cache's lookups and hits count in blocks).
+  void attach_cached_prefix(sample_run& r) {
+    if (!options_.prefix_caching || !cache_.prefix_caching()) return;
+    r.cached = cache_.attach_cached_prefix(r.sequence, r.tokens);
+    metrics_.prefix_cache((index_t(r.tokens.size()) - 1) / cache_.block_tokens(), r.cached / cache_.block_tokens());
   }
 
   struct planned {
@@ -565,6 +587,7 @@ class engine {
     for (const planned& p : plan) {
       sample_run& r = *p.run;
       r.cached += p.count;
+      if (options_.prefix_caching) cache_.register_full_blocks(r.sequence, r.tokens);
       if (r.cached != index_t(r.tokens.size())) continue;
       // Only the tokenizer's tokens: a padded vocabulary's extra logits never win.
       const std::span<const float> row_logits(logits.data() + row * Model::vocab, std::size_t(sampled_vocabulary()));

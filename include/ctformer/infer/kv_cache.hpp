@@ -3,13 +3,17 @@
 // sequence) and kv::paged<BlockTokens> (blocks from a shared pool, a block
 // table per sequence), each with fp32, bf16 or int8 (per token, per kv head
 // scale) elements, in the memory of an execution policy (cpu::par, cuda::par).
+// A paged cache shares full blocks between sequences: forks share their
+// parent's, and a prefix cache finds blocks by the tokens they hold.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "ctformer/core/buffer.hpp"
@@ -90,6 +94,17 @@ class cache_exhausted : public error {
 /// contiguous cache is one segment of one block.
 /// Growing a sequence is reserve() (takes blocks) then write() of the new
 /// positions' rows then set_length(); kernels read it through view().
+///
+/// Shared blocks (paged caches). A block is reference-counted: fork() hands
+/// the child its parent's full blocks and copies only the partial last one
+/// (which both then write), and no write may touch a block another sequence
+/// holds. With every layer global, full blocks are also a prefix cache:
+/// register_full_blocks() files a sequence's full blocks under a hash of
+/// their tokens and of every token before them, and attach_cached_prefix()
+/// gives a new sequence the longest run of filed blocks its tokens begin
+/// with, so a repeated prompt skips that part of its prefill. A filed block
+/// no sequence holds stays cached and counts as free: the pool takes never
+/// used blocks first, then evicts cached ones, least recently released first.
 ///
 /// On a device policy (cuda::par) the keys, values and scales live in device
 /// memory and the bookkeeping (block lists, lengths, free lists, ring
@@ -189,8 +204,15 @@ class kv_cache {
     // Taken from the back: block 0 goes first, which keeps small tests readable.
     free_blocks_.reserve(std::size_t(blocks_));
     for (index_t b = blocks_ - 1; b >= 0; --b) free_blocks_.push_back(std::int32_t(b));
-    if constexpr (paged)
+    if constexpr (paged) {
       for (index_t b = ring_pool_blocks_ - 1; b >= 0; --b) free_ring_blocks_.push_back(std::int32_t(b));
+      references_.assign(std::size_t(blocks_), 0);
+      filed_.assign(std::size_t(blocks_), 0);
+      block_key_.assign(std::size_t(blocks_), 0);
+      cached_previous_.assign(std::size_t(blocks_), -1);
+      cached_next_.assign(std::size_t(blocks_), -1);
+      if (window_ == 0) filed_tokens_.assign(std::size_t(blocks_ * block_tokens_), 0);
+    }
   }
 
   kv_cache(const kv_cache&) = delete;
@@ -208,7 +230,22 @@ class kv_cache {
   index_t block_tokens() const { return block_tokens_; }
   /// Blocks in the pool (sequence slots for a contiguous cache).
   index_t block_count() const { return blocks_; }
-  index_t free_block_count() const { return index_t(free_blocks_.size()); }
+  /// Blocks a reservation can take: never used ones and cached ones (which
+  /// hold a filed prefix no sequence holds, and are evicted when taken).
+  index_t free_block_count() const { return index_t(free_blocks_.size()) + cached_count_; }
+  /// Blocks no sequence holds that keep a filed prefix (part of free_block_count()).
+  index_t cached_block_count() const { return cached_count_; }
+  /// Sequences holding a block of the pool (0: free or cached; a paged cache).
+  index_t block_references(std::int32_t block) const {
+    if (block < 0 || block >= blocks_ || !paged)
+      throw invalid_input("ctformer::infer::kv_cache::block_references: block " + std::to_string(block) +
+                          " is not a block of this paged cache's pool");
+    return references_[std::size_t(block)];
+  }
+  /// Whether full blocks can be found by their tokens: a paged cache whose
+  /// layers are all global (a windowed layer's ring holds its sequence's
+  /// latest positions, which no other sequence shares).
+  bool prefix_caching() const { return paged && window_ == 0; }
   /// Positions the pool holds in all (contiguous: slots * max_seq).
   index_t pool_tokens() const { return blocks_ * block_tokens_; }
 
@@ -291,8 +328,11 @@ class kv_cache {
   /// Closes a sequence and returns its blocks (or slot) to the pool.
   void close_sequence(sequence_id id) {
     sequence& s = at(id, "close_sequence");
-    for (auto it = s.blocks.rbegin(); it != s.blocks.rend(); ++it) free_blocks_.push_back(*it);
+    // Last block first: of a closed sequence's cached blocks, its tail
+    // (the least likely to be shared) is evicted first.
+    for (auto it = s.blocks.rbegin(); it != s.blocks.rend(); ++it) release_block(*it);
     s.blocks.clear();
+    s.chain.clear();
     if constexpr (paged)
       for (auto it = s.ring.rbegin(); it != s.ring.rend(); ++it) free_ring_blocks_.push_back(*it);
     s.ring.clear();
@@ -302,30 +342,114 @@ class kv_cache {
     --open_count_;
   }
 
-  /// Opens a new sequence holding a copy of `from`'s committed positions
-  /// [0, length(from)) in every layer (the bits as stored): both then grow
+  /// Opens a new sequence holding `from`'s committed positions [0,
+  /// length(from)) in every layer: a paged cache shares the full blocks
+  /// (reference-counted) and copies the partial last one and the windowed
+  /// layers' rings; a contiguous cache copies the slot. Both then grow
   /// independently. Throws cache_exhausted, with nothing changed, when the
-  /// pool (or the slots) cannot hold the copy.
+  /// pool (or the slots) cannot hold what is copied.
   sequence_id fork(sequence_id from) {
     const index_t length = at(from, "fork").length;
-    if (blocks_needed_for(0, length) > free_block_count() - (paged ? 0 : 1))
+    const index_t shared = paged && global_layers_ > 0 ? length / block_tokens_ : 0;
+    const index_t copied = paged ? blocks_needed_for(0, length) - shared : 1;
+    if (copied > free_block_count())
       throw cache_exhausted("ctformer::infer::kv_cache::fork: sequence " + std::to_string(from) + " holds " +
-                            std::to_string(length) + " positions, more than the " +
-                            std::to_string(free_block_count()) + " free blocks of " + std::to_string(block_tokens_) +
-                            " positions can copy");
+                            std::to_string(length) + " positions; its copy needs " + std::to_string(copied) +
+                            (paged ? " free blocks of " + std::to_string(block_tokens_) + " positions" : " free slot") +
+                            ", and " + std::to_string(free_block_count()) + " are free");
     if (ring_blocks_needed_for(0, length) > free_ring_block_count() && paged)
       throw cache_exhausted("ctformer::infer::kv_cache::fork: the windowed layers' ring pool has too few free "
                             "blocks to copy sequence " + std::to_string(from));
     const sequence_id id = open_sequence();
+    if constexpr (paged) {
+      sequence& child = sequences_[std::size_t(id)];
+      const sequence& parent = sequences_[std::size_t(from)];
+      for (index_t i = 0; i < shared; ++i) {
+        ++references_[std::size_t(parent.blocks[std::size_t(i)])];
+        child.blocks.push_back(parent.blocks[std::size_t(i)]);
+      }
+      child.chain = parent.chain;  // the filed blocks are full, so all shared
+      child.reserved = shared * block_tokens_;
+      upload_tables(child);
+    }
     reserve(id, length);
     for (index_t layer = 0; layer < n_layer_; ++layer) {
       // A ring holds only the last ring_positions() positions.
-      const index_t first = windows_[std::size_t(layer)] > 0 ? std::max<index_t>(0, length - ring_positions()) : 0;
+      const index_t first = windows_[std::size_t(layer)] > 0 ? std::max<index_t>(0, length - ring_positions())
+                                                             : shared * block_tokens_;
       ops::kv_cache_copy(exec_, view_of(layer, sequences_[std::size_t(from)], false),
                          writable_view_of(layer, sequences_[std::size_t(id)]), first, length);
     }
     sequences_[std::size_t(id)].length = length;
     return id;
+  }
+
+  /// Gives the empty sequence `id` the longest run of filed full blocks its
+  /// tokens begin with (found by the hash of each block's tokens and every
+  /// token before it, then compared token by token), and commits that many
+  /// positions: the caller computes from there. The last token is always
+  /// left to compute, since its logits are what the caller needs next.
+  /// Returns the positions attached (a multiple of block_tokens(); 0 where
+  /// prefix_caching() is false). Throws invalid_input for a sequence that
+  /// holds positions already.
+  index_t attach_cached_prefix(sequence_id id, std::span<const std::int32_t> tokens) {
+    sequence& s = at(id, "attach_cached_prefix");
+    if (s.length != 0 || (paged && !s.blocks.empty()))
+      throw invalid_input("ctformer::infer::kv_cache::attach_cached_prefix: sequence " + std::to_string(id) +
+                          " holds positions already; a cached prefix goes to an empty sequence");
+    if (!prefix_caching() || tokens.empty()) return 0;
+    const index_t most = std::min<index_t>(index_t(tokens.size()) - 1, max_seq_) / block_tokens_;
+    std::uint64_t key = 0;
+    for (index_t i = 0; i < most; ++i) {
+      const std::int32_t* block_tokens = tokens.data() + i * block_tokens_;
+      key = chain_key(key, block_tokens);
+      const auto found = prefix_index_.find(key);
+      if (found == prefix_index_.end()) break;
+      const std::int32_t b = found->second;
+      const auto filed_at = filed_tokens_.begin() + std::ptrdiff_t(index_t(b) * block_tokens_);
+      if (!std::equal(block_tokens, block_tokens + block_tokens_, filed_at)) break;  // a hash collision
+      if (references_[std::size_t(b)]++ == 0) unlink_cached(b);
+      s.blocks.push_back(b);
+      s.chain.push_back(key);
+    }
+    const index_t attached = index_t(s.blocks.size()) * block_tokens_;
+    s.reserved = s.length = attached;
+    if (attached > 0) upload_tables(s);
+    return attached;
+  }
+
+  /// Files the sequence's full blocks of committed positions in the prefix
+  /// cache, so that later sequences beginning with the same tokens attach
+  /// them. `tokens`: the sequence's tokens from position 0, at least
+  /// length(id) of them. Blocks filed before are skipped (calling it after
+  /// every step costs one hash per newly full block). A block whose tokens
+  /// another block is filed under already stays unfiled: it is freed, not
+  /// cached, when released. No-op where prefix_caching() is false. Throws
+  /// invalid_input for too few tokens, or for tokens that differ from those
+  /// a block it shares was filed under by another sequence.
+  void register_full_blocks(sequence_id id, std::span<const std::int32_t> tokens) {
+    sequence& s = at(id, "register_full_blocks");
+    if (!prefix_caching()) return;
+    if (index_t(tokens.size()) < s.length)
+      throw invalid_input("ctformer::infer::kv_cache::register_full_blocks: " + std::to_string(tokens.size()) +
+                          " tokens for sequence " + std::to_string(id) + " of " + std::to_string(s.length) +
+                          " positions");
+    for (index_t i = index_t(s.chain.size()); i < s.length / block_tokens_; ++i) {
+      const std::int32_t* block_tokens = tokens.data() + i * block_tokens_;
+      const std::uint64_t key = chain_key(s.chain.empty() ? 0 : s.chain.back(), block_tokens);
+      const std::int32_t b = s.blocks[std::size_t(i)];
+      if (filed_[std::size_t(b)] && block_key_[std::size_t(b)] != key)
+        throw invalid_input("ctformer::infer::kv_cache::register_full_blocks: the tokens of block " +
+                            std::to_string(i) + " of sequence " + std::to_string(id) +
+                            " differ from those its cached keys and values were computed from");
+      s.chain.push_back(key);
+      if (filed_[std::size_t(b)] || prefix_index_.contains(key)) continue;
+      prefix_index_.emplace(key, b);
+      filed_[std::size_t(b)] = 1;
+      block_key_[std::size_t(b)] = key;
+      std::copy(block_tokens, block_tokens + block_tokens_,
+                filed_tokens_.begin() + std::ptrdiff_t(index_t(b) * block_tokens_));
+    }
   }
 
   /// Sequences open now.
@@ -353,7 +477,7 @@ class kv_cache {
     if constexpr (paged) {
       const index_t keep = (s.length + block_tokens_ - 1) / block_tokens_;
       while (index_t(s.blocks.size()) > keep) {
-        free_blocks_.push_back(s.blocks.back());
+        release_block(s.blocks.back());
         s.blocks.pop_back();
       }
       while (index_t(s.ring.size()) > std::min(keep, ring_blocks_)) {
@@ -395,10 +519,7 @@ class kv_cache {
                               " more blocks of " + std::to_string(block_tokens_) + "), but the pool of " +
                               std::to_string(pool_tokens()) + " positions (" + std::to_string(blocks_) +
                               " blocks) has only " + std::to_string(free_block_count()) + " blocks free");
-      for (index_t i = 0; i < needed; ++i) {
-        s.blocks.push_back(free_blocks_.back());
-        free_blocks_.pop_back();
-      }
+      for (index_t i = 0; i < needed; ++i) s.blocks.push_back(take_block());
       for (index_t i = 0; i < ring_needed; ++i) {
         s.ring.push_back(free_ring_blocks_.back());
         free_ring_blocks_.pop_back();
@@ -426,7 +547,7 @@ class kv_cache {
   /// k, v: (T, KV, D) in the policy's memory, unit stride in D. The positions must be reserved.
   void write(index_t layer, sequence_id id, index_t start, tensor_view<const float, 3> k,
              tensor_view<const float, 3> v) {
-    const sequence& s = at(id, "write");
+    sequence& s = at(id, "write");
     if (layer < 0 || layer >= n_layer_)
       throw invalid_input("ctformer::infer::kv_cache::write: layer " + std::to_string(layer) + " is outside [0, " +
                           std::to_string(n_layer_) + ")");
@@ -443,6 +564,7 @@ class kv_cache {
       throw invalid_input("ctformer::infer::kv_cache::write: " + std::to_string(k.extent(0)) +
                           " positions at once overrun windowed layer " + std::to_string(layer) + "'s ring of " +
                           std::to_string(ring_positions()));
+    if (windows_[std::size_t(layer)] == 0) claim_for_writing(s, id, start, start + k.extent(0));
     ops::kv_cache_write(exec_, writable_view_of(layer, s), start, k, v);
   }
 
@@ -473,9 +595,87 @@ class kv_cache {
     std::vector<std::int32_t> layout;      // contiguous only: the slot's layout blocks, in order
     std::vector<std::int32_t> ring;        // the windowed layers' ring blocks, in order
     std::vector<std::int32_t> ring_table;  // logical block i -> ring[i % ring_blocks_]
+    std::vector<std::uint64_t> chain;      // prefix-cache key of each leading full block registered or attached
     // Device policies: the table kernels read (blocks or layout), then the ring table.
     buffer_for<std::int32_t, Exec> device_table;
   };
+
+  // A block for a reservation: a never used one, else the cached block
+  // released longest ago (evicted: its filed prefix is forgotten).
+  std::int32_t take_block() {
+    std::int32_t b;
+    if (!free_blocks_.empty()) {
+      b = free_blocks_.back();
+      free_blocks_.pop_back();
+    } else {
+      b = oldest_cached_;  // callers checked free_block_count()
+      unlink_cached(b);
+      unfile(b);
+    }
+    if constexpr (paged) references_[std::size_t(b)] = 1;
+    return b;
+  }
+  // A sequence lets go of a block: the last holder frees it, or caches it
+  // when it is filed.
+  void release_block(std::int32_t b) {
+    if constexpr (paged) {
+      if (--references_[std::size_t(b)] > 0) return;
+      if (filed_[std::size_t(b)]) {
+        cached_previous_[std::size_t(b)] = newest_cached_;
+        cached_next_[std::size_t(b)] = -1;
+        (newest_cached_ >= 0 ? cached_next_[std::size_t(newest_cached_)] : oldest_cached_) = b;
+        newest_cached_ = b;
+        ++cached_count_;
+        return;
+      }
+    }
+    free_blocks_.push_back(b);
+  }
+  void unlink_cached(std::int32_t b) {
+    const std::int32_t before = cached_previous_[std::size_t(b)], after = cached_next_[std::size_t(b)];
+    (before >= 0 ? cached_next_[std::size_t(before)] : oldest_cached_) = after;
+    (after >= 0 ? cached_previous_[std::size_t(after)] : newest_cached_) = before;
+    --cached_count_;
+  }
+  void unfile(std::int32_t b) {
+    if (!filed_[std::size_t(b)]) return;
+    const auto found = prefix_index_.find(block_key_[std::size_t(b)]);
+    if (found != prefix_index_.end() && found->second == b) prefix_index_.erase(found);
+    filed_[std::size_t(b)] = 0;
+  }
+  // Positions [first, last) of s are about to be written: none may lie in a
+  // block another sequence holds, and a filed block rewritten is unfiled.
+  void claim_for_writing(sequence& s, sequence_id id, index_t first, index_t last) {
+    if constexpr (paged) {
+      if (last <= first) return;
+      for (index_t i = first / block_tokens_; i <= (last - 1) / block_tokens_ && i < index_t(s.blocks.size()); ++i) {
+        const std::int32_t b = s.blocks[std::size_t(i)];
+        if (references_[std::size_t(b)] > 1)
+          throw invalid_input("ctformer::infer::kv_cache::write: positions [" + std::to_string(first) + ", " +
+                              std::to_string(last) + ") of sequence " + std::to_string(id) + " lie in block " +
+                              std::to_string(i) + ", which " + std::to_string(references_[std::size_t(b)] - 1) +
+                              " other sequence(s) share; shared positions are never rewritten");
+        if (index_t(s.chain.size()) > i) s.chain.resize(std::size_t(i));
+        unfile(b);
+      }
+    } else {
+      (void)s, (void)id, (void)first, (void)last;
+    }
+  }
+  // The prefix-cache key of a block of tokens after the block keyed `previous`
+  // (0 for the first): a 64-bit mix of the previous key and every token.
+  std::uint64_t chain_key(std::uint64_t previous, const std::int32_t* tokens) const {
+    const auto mix = [](std::uint64_t x) {
+      x ^= x >> 30;
+      x *= 0xbf58476d1ce4e5b9ULL;
+      x ^= x >> 27;
+      x *= 0x94d049bb133111ebULL;
+      return x ^ (x >> 31);
+    };
+    std::uint64_t key = mix(previous + 0x9e3779b97f4a7c15ULL);
+    for (index_t i = 0; i < block_tokens_; ++i) key = mix(key ^ std::uint32_t(tokens[i]));
+    return key;
+  }
 
   buffer_for<float, Exec> zeroed_floats(index_t n) const {
     if constexpr (device_memory) {
@@ -628,6 +828,16 @@ class kv_cache {
   buffer_for<element_type, Exec> k_, v_;
   buffer_for<float, Exec> k_scale_, v_scale_;  // int8 only
   std::vector<std::int32_t> free_blocks_, free_ring_blocks_;
+  // Paged caches, per block: holders, whether filed in the prefix index and
+  // under which key, its place in the list of cached blocks (oldest release
+  // first), and the tokens it was filed with.
+  std::vector<std::int32_t> references_;
+  std::vector<std::uint8_t> filed_;
+  std::vector<std::uint64_t> block_key_;
+  std::vector<std::int32_t> cached_previous_, cached_next_, filed_tokens_;
+  std::int32_t oldest_cached_ = -1, newest_cached_ = -1;
+  index_t cached_count_ = 0;
+  std::unordered_map<std::uint64_t, std::int32_t> prefix_index_;
   std::vector<sequence> sequences_;
   std::vector<sequence_id> free_ids_;
   index_t open_count_ = 0;

@@ -178,6 +178,84 @@ TEMPLATE_TEST_CASE("n samples share the prompt and equal lone runs with seeds se
   CHECK(expected[0] != expected[1]);  // the seeds differ, so do the samples (a check on the test itself)
 }
 
+// The policies over paged caches, where prefix caching works.
+#define PREFIX_CACHE_SETUPS                                                      \
+  (setup<infer_llama, quant::q4_0, infer::kv::paged<8, bf16>, static4>),         \
+      (setup<infer_llama, quant::q4_0, infer::kv::paged<8, bf16>, dynamic4>),    \
+      (setup<infer_llama, quant::q4_0, infer::kv::paged<8, bf16>, continuous8>), \
+      (setup<infer_gpt, quant::fp32, infer::kv::paged<8, float>, continuous8>)
+
+TEMPLATE_TEST_CASE("prefix caching: requests sharing a prompt prefix attach its blocks and get the tokens they get alone",
+                   "[infer][engine][prefix_cache]", PREFIX_CACHE_SETUPS) {
+  using Cfg = typename TestType::config;
+  using model_type = typename TestType::model_type;
+  fixture<Cfg> f;
+  model_type model(f.trained, 64, cpu::par.with_threads(1));
+  // A 19-token "system prompt" (two full blocks of 8 and three positions),
+  // then a different question per request; request 0 repeats exactly later.
+  const auto system = testing::random_tokens(19, Cfg::vocab, 900);
+  std::vector<infer::request> requests;
+  std::vector<std::vector<std::int32_t>> expected;
+  for (int i = 0; i < 6; ++i) {
+    infer::request r;
+    r.prompt = system;
+    const auto question = testing::random_tokens(std::size_t(3 + i % 4), Cfg::vocab, 950 + i % 5);
+    r.prompt.insert(r.prompt.end(), question.begin(), question.end());
+    r.sampling = varied_settings(i);
+    r.max_tokens = 5 + i % 3;
+    expected.push_back(alone(model, r.prompt, r.sampling, r.max_tokens));
+    requests.push_back(r);
+  }
+  for (bool caching : {true, false}) {
+    INFO("prefix caching " << (caching ? "on" : "off"));
+    typename TestType::engine_type engine(model, {.prefix_caching = caching});
+    // Four copies of the first request (a static batch of four starts when
+    // four wait) file the shared blocks; then the rest and a fifth copy.
+    std::vector<infer::request_handle> copies;
+    for (int i = 0; i < 4; ++i) copies.push_back(engine.submit(requests[0]));
+    for (auto& c : copies) CHECK(c.wait().completions[0].tokens == expected[0]);
+    std::vector<infer::request_handle> handles;
+    for (std::size_t i = 1; i < requests.size(); ++i) handles.push_back(engine.submit(requests[i]));
+    handles.push_back(engine.submit(requests[0]));  // the repeat
+    engine.close_input();
+    for (std::size_t i = 0; i < handles.size(); ++i) {
+      const std::size_t which = i + 1 < handles.size() ? i + 1 : 0;
+      INFO("request " << which);
+      const auto result = handles[i].wait();
+      CHECK(result.completions[0].tokens == expected[which]);
+    }
+    engine.shutdown();
+    const auto m = engine.metrics().snapshot();
+    if (caching) {
+      // Every request after the first finds at least the system prompt's two
+      // full blocks (the repeat may find its whole first blocks too).
+      CHECK(m.prefix_cache_hits >= 2 * requests.size());
+      CHECK(m.prefix_cache_hit_rate > 0.5);
+    } else {
+      CHECK(m.prefix_cache_hits == 0);
+      CHECK(m.prefix_cache_queries == 0);
+    }
+    CHECK(m.kv_cache_usage == 0.0);  // cached blocks are free blocks
+  }
+}
+
+TEST_CASE("a prompt cached in full skips its prefill: the repeat computes only its last block",
+          "[infer][engine][prefix_cache]") {
+  using model_type = infer::inference_model<infer_gpt, quant::fp32, infer::kv::paged<8, float>>;
+  fixture<infer_gpt> f;
+  model_type model(f.trained, 64, cpu::par.with_threads(1));
+  infer::request r{.prompt = testing::random_tokens(33, infer_gpt::vocab, 3), .max_tokens = 4};
+  infer::engine<model_type, infer::continuous_batching<4>> engine(model);
+  const auto once = engine.submit(r).wait();
+  const auto before = engine.metrics().snapshot();
+  const auto again = engine.submit(r).wait();
+  const auto after = engine.metrics().snapshot();
+  CHECK(again.completions[0].tokens == once.completions[0].tokens);
+  // 33 prompt tokens: 4 full blocks of 8 before the last token, all found.
+  CHECK(after.prefix_cache_queries - before.prefix_cache_queries == 4);
+  CHECK(after.prefix_cache_hits - before.prefix_cache_hits == 4);
+}
+
 TEST_CASE("continuous batching preempts the newest sequence when the pool runs out, and outputs do not change",
           "[infer][engine]") {
   using model_type = infer::inference_model<infer_llama, quant::q4_0, infer::kv::paged<8, bf16>>;
