@@ -28,12 +28,12 @@ configure() {
   else cmake -G Ninja -S . -B "$dir" "$@" >/dev/null; fi
 }
 
-echo "== Python for the server's end-to-end test: a virtual environment with the openai client (PyPI)"
+echo "== Python for the server's end-to-end test and the GGUF check: a virtual environment with openai and gguf (PyPI)"
 python_env=$build-python
 [[ $python_env = /* ]] || python_env=$PWD/$python_env
-if ! "$python_env/bin/python" -c "import openai" 2>/dev/null; then
-  python3 -m venv "$python_env"
-  "$python_env/bin/pip" install --quiet --disable-pip-version-check openai
+if ! "$python_env/bin/python" -c "import openai, gguf" 2>/dev/null; then
+  [[ -x $python_env/bin/pip ]] || python3 -m venv "$python_env"
+  "$python_env/bin/pip" install --quiet --disable-pip-version-check openai gguf
 fi
 
 echo "== native build: every test"

@@ -4,15 +4,55 @@
 value type, and small tensors of F32, F16, BF16, Q8_0 and Q4_0, the block
 formats quantized by gguf.quants (which matches ggml's C code bit for bit).
 The JSON holds what tests/unit/io/test_gguf.cpp expects: the source floats
-of each tensor and the values gguf.quants dequantizes them to.
+of each tensor and the values gguf.quants dequantizes them to. It also holds,
+for tests/unit/io/test_gguf_model.cpp, the q and k projections of
+tests/data/hf/llama_tiny as llama.cpp's convert_hf_to_gguf.py stores them:
+each head's rows reordered from Hugging Face's rotate-halves order to
+llama.cpp's adjacent pairs.
 
     python3 tools/make_gguf_reference.py tests/data/gguf_reference
 """
 import json
+import struct
 import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
+
+
+def read_safetensors(path):
+    raw = Path(path).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    out = {}
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        assert t["dtype"] == "F32", t
+        begin, end = t["data_offsets"]
+        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end], dtype=np.float32).reshape(t["shape"])
+    return out
+
+
+def llama_cpp_permute(w, heads):
+    """convert_hf_to_gguf.py's LlamaModel.permute: (heads, 2, rows / heads / 2, cols) halves -> pairs."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_tiny_rope(folder):
+    config = json.loads((Path(folder) / "config.json").read_text())
+    weights = {}
+    for shard in sorted(Path(folder).glob("model*.safetensors")):  # sharded: every shard
+        weights.update(read_safetensors(shard))
+    out = {}
+    for layer in range(config["num_hidden_layers"]):
+        h = f"model.layers.{layer}.self_attn."
+        q = llama_cpp_permute(weights[h + "q_proj.weight"], config["num_attention_heads"])
+        k = llama_cpp_permute(weights[h + "k_proj.weight"], config["num_key_value_heads"])
+        out[f"blk.{layer}.attn_q.weight"] = [float(x) for x in q.reshape(-1)]
+        out[f"blk.{layer}.attn_k.weight"] = [float(x) for x in k.reshape(-1)]
+    return out
 
 
 def main(stem):
@@ -56,7 +96,8 @@ def main(stem):
     writer.write_tensors_to_file()
     writer.close()
     with open(stem + ".json", "w") as f:
-        json.dump({"gguf_package": getattr(gguf, "__version__", "unknown"), "tensors": tensors}, f)
+        json.dump({"gguf_package": getattr(gguf, "__version__", "unknown"), "tensors": tensors,
+                   "llama_tiny_rope": llama_tiny_rope(Path(stem).parent / "hf" / "llama_tiny")}, f)
 
 
 if __name__ == "__main__":

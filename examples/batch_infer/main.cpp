@@ -480,7 +480,7 @@ int main(int argc, char** argv) {
   options o;
   CLI::App app{"Offline inference over JSON Lines records, resumable"};
   app.add_option("--checkpoint", o.checkpoint,
-                 "A train_gpt or quantize checkpoint, a Hugging Face model folder or a llama2.c file")
+                 "A train_gpt or quantize checkpoint, a GGUF file, a Hugging Face model folder or a llama2.c file")
       ->required();
   app.add_option("--input", o.input, "JSON Lines records, or - for stdin");
   app.add_option("--output", o.output, "JSON Lines results: appended to, records already there are skipped")

@@ -1,19 +1,23 @@
 // Opens a model for inference, as every inference tool does: a train_gpt
 // checkpoint (fp32), a quantized one from `quantize` (its packed weights as
-// stored), a Hugging Face folder or a llama2.c file of a registered
-// pretrained shape, each with its tokenizer. The metadata (configuration,
+// stored), a GGUF file (written by `quantize`, or by llama.cpp for a
+// registered shape; Q8_0 / Q4_0 blocks as stored), a Hugging Face folder or
+// a llama2.c file of a registered pretrained shape, each with its tokenizer. The metadata (configuration,
 // weight format, tokenizer kind) picks the compile-time model type once;
 // nothing after that dispatches at run time.
 #pragma once
 
 #include <concepts>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "presets.hpp"
 #include "ctformer/infer/inference_model.hpp"
 #include "ctformer/io/bpe_tokenizer.hpp"
 #include "ctformer/io/checkpoint.hpp"
+#include "ctformer/io/gguf_model.hpp"
 #include "ctformer/io/hugging_face.hpp"
 #include "ctformer/io/llama2c.hpp"
 #include "ctformer/io/quantized_checkpoint.hpp"
@@ -66,7 +70,62 @@ inline io::bpe_tokenizer hugging_face_tokenizer(const std::filesystem::path& fol
   throw invalid_input("'" + folder.string() + "' has no tokenizer: tokenizer.json, or vocab.json and merges.txt");
 }
 
+/// Whether the file starts with GGUF's magic.
+inline bool is_gguf_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {};
+  return in.read(magic, 4) && std::memcmp(magic, "GGUF", 4) == 0;
+}
+
 namespace detail {
+// A GGUF file: the configuration is the one ctformer stored (ctformer.config)
+// or the registered pretrained shape its metadata describes. The weight
+// format is the file's where the program has that model type compiled in
+// already (every format for the presets; Q8_0 for pretrained shapes, whose
+// other types load decoded to fp32): each further type would compile the
+// whole model, and in `serve` its engine and server, once more.
+template <class Kv, class Use>
+int with_gguf_model(const std::string& path, cpu::par_t exec, index_t max_chunk, Use& use) {
+  const io::gguf_model_description d = io::describe_gguf_model(io::gguf_file::read(path));
+  auto with_config = [&]<class Cfg, class Tokenizer, bool AllFormats>(auto make_tokenizer) {
+    auto with_format = [&]<class Format>() {
+      using model_type = infer::inference_model<Cfg, Format, Kv>;
+      const index_t rows = max_chunk > 0 ? max_chunk : model_type::default_max_chunk;
+      auto open = [&](auto&& with_model) {
+        const io::gguf_weight_source<Cfg> source(path);
+        const Tokenizer tokenizer = make_tokenizer(source.file());
+        model_type model(source, rows, exec);
+        return with_model(model, tokenizer);
+      };
+      return use.template operator()<model_type, Tokenizer>(open);
+    };
+    if (d.linear_type == io::gguf_type::q8_0) return with_format.template operator()<quant::q8_0>();
+    if constexpr (AllFormats) {
+      if (d.linear_type == io::gguf_type::q4_0) return with_format.template operator()<quant::q4_0>();
+      if (d.linear_type == io::gguf_type::bf16) return with_format.template operator()<quant::bf16_weights>();
+    }
+    return with_format.template operator()<quant::fp32>();
+  };
+  if (!d.ctformer_config.empty())
+    return visit_config(d.ctformer_config, [&]<class Cfg>() {
+      if constexpr (io::gguf_architecture_of<Cfg>() == nullptr) {
+        throw invalid_input("'" + path + "': its configuration has no GGUF layout");
+      } else {
+        return visit_tokenizer(d.ctformer_vocabulary, [&]<class Tokenizer>() {
+          return with_config.template operator()<Cfg, Tokenizer, true>(
+              [](const io::gguf_file& f) { return io::gguf_tokenizer<Tokenizer>(f); });
+        });
+      }
+    });
+  return visit_pretrained_config(d, path, [&]<class Cfg>() {
+    using Tokenizer = typename Cfg::tokenizer;
+    return with_config.template operator()<Cfg, Tokenizer, false>([](const io::gguf_file& f) -> Tokenizer {
+      if constexpr (std::same_as<Tokenizer, io::bpe_tokenizer>) return io::gguf_tokenizer<Tokenizer>(f);
+      else return Tokenizer(Cfg::vocab);
+    });
+  });
+}
+
 // A pretrained model: the configuration Cfg is registered, load(trained)
 // reads its weights into an fp32 nn::model.
 template <class Cfg, class Kv, class Use, class Load, class MakeTokenizer>
@@ -104,6 +163,7 @@ int with_inference_model_type(const std::string& path, cpu::par_t exec, index_t 
           });
     });
   }
+  if (is_gguf_file(path)) return detail::with_gguf_model<Kv>(path, exec, max_chunk, use);
   if (io::is_llama2c_file(path)) {
     const io::llama2c_header header = io::read_llama2c_header(path);
     return visit_pretrained_config(header, path, [&]<class Cfg>() -> int {

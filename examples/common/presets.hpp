@@ -11,6 +11,7 @@
 
 #include "ctformer/core/error.hpp"
 #include "ctformer/io/bpe_tokenizer.hpp"
+#include "ctformer/io/gguf_model.hpp"
 #include "ctformer/io/hugging_face.hpp"
 #include "ctformer/io/llama2c.hpp"
 #include "ctformer/io/tokenizer.hpp"

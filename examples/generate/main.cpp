@@ -99,7 +99,7 @@ int main(int argc, char** argv) {
   options o;
   CLI::App app{"Generate text from a ctformer checkpoint"};
   app.add_option("--checkpoint", o.checkpoint,
-                 "A train_gpt or quantize checkpoint, a Hugging Face model folder or a llama2.c file")
+                 "A train_gpt or quantize checkpoint, a GGUF file, a Hugging Face model folder or a llama2.c file")
       ->required();
   app.add_option("--prompt", o.prompt, "Text to continue (valid UTF-8)")->required();
   app.add_option("--max-tokens", o.max_tokens, "Most new tokens");

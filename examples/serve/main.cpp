@@ -36,7 +36,7 @@ int main(int argc, char** argv) {
   options o;
   CLI::App app{"OpenAI-compatible server for a ctformer checkpoint"};
   app.add_option("--checkpoint", o.checkpoint,
-                 "A train_gpt or quantize checkpoint, a Hugging Face model folder or a llama2.c file")
+                 "A train_gpt or quantize checkpoint, a GGUF file, a Hugging Face model folder or a llama2.c file")
       ->required();
   app.add_option("--host", o.host, "Address to listen on");
   app.add_option("--port", o.port, "Port to listen on (0: any free port, printed)");

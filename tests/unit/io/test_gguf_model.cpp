@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "ctformer/io/gguf_model.hpp"
+#include "ctformer/io/hugging_face.hpp"
 #include "ctformer/io/tokenizer.hpp"
 #include "../infer/inference_test_models.hpp"
 
@@ -49,6 +50,15 @@ struct wider_llama : infer_llama {
 };
 struct narrow_llama : infer_llama {
   static constexpr int d_ff = 80;
+};
+
+/// tests/data/hf/llama_tiny's shape (a LlamaForCausalLM saved by transformers).
+struct hf_llama_tiny {
+  static constexpr int vocab = 96, d_model = 32, n_layer = 2, n_head = 4, n_kv_head = 2, d_ff = 64, max_seq = 32;
+  static constexpr bool tie_embeddings = false;
+  using norm = nn::rms_norm;
+  using activation = nn::swiglu;
+  using position = nn::rope;
 };
 
 template <class Cfg>
@@ -142,6 +152,33 @@ TEST_CASE("a LLaMA GGUF file has llama.cpp's names, metadata and rope row order"
         const float* model_row = params.data() + qkv_offset + (h * d + e * (d / 2) + j) * 64;
         CHECK(std::memcmp(q.data() + (h * d + 2 * j + e) * 64 * 4, model_row, 64 * 4) == 0);
       }
+}
+
+TEST_CASE("a Hugging Face LLaMA's q and k rows land where llama.cpp's converter puts them", "[io][gguf]") {
+  // tools/make_gguf_reference.py applies convert_hf_to_gguf.py's permutation
+  // to the folder's q_proj and k_proj with numpy; ctformer's file must hold
+  // those exact floats.
+  const std::filesystem::path data = CTFORMER_TEST_DATA_DIR;
+  temp_dir dir("ctformer_test_gguf_hf_rope");
+  nn::model<hf_llama_tiny, cpu::par_t> model(cpu::par.with_threads(1), 1);
+  io::load_hugging_face(data / "hf" / "llama_tiny", model);
+  io::save_gguf(dir.path / "m.gguf", model, io::byte_tokenizer{}, io::gguf_type::f32);
+  std::ifstream in(data / "gguf_reference.json");
+  const auto expected = nlohmann::json::parse(in)["llama_tiny_rope"];
+  const auto f = io::gguf_file::read(dir.path / "m.gguf");
+  REQUIRE(expected.size() == 4);
+  for (const auto& [name, values] : expected.items()) {
+    INFO(name);
+    const auto reference = values.get<std::vector<float>>();
+    const auto bytes = f.bytes(name);
+    REQUIRE(bytes.size() == reference.size() * sizeof(float));
+    CHECK(std::memcmp(bytes.data(), reference.data(), bytes.size()) == 0);
+  }
+  // And back: the file gives the folder's model.
+  nn::model<hf_llama_tiny, cpu::par_t> back(cpu::par.with_threads(1), 2);
+  io::load_gguf(dir.path / "m.gguf", back);
+  CHECK(std::memcmp(back.parameters().data(), model.parameters().data(),
+                    std::size_t(model.parameters().extent(0)) * sizeof(float)) == 0);
 }
 
 TEMPLATE_TEST_CASE("Q8_0 and Q4_0 files hand their blocks to an inference model: the same logits bit for bit",
