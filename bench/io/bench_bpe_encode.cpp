@@ -4,7 +4,7 @@
 // the same file, for comparison in the same run.
 //
 // Data: the folder named by the CTFORMER_DATA_DIR environment variable, else
-// the repository's data/ (compiled in).
+// the repository's data/ (compiled in relative to this program's folder).
 #include <benchmark/benchmark.h>
 
 #include <cstdlib>
@@ -20,7 +20,7 @@ namespace {
 
 std::filesystem::path data_dir() {
   if (const char* dir = std::getenv("CTFORMER_DATA_DIR")) return dir;
-  return CTFORMER_BENCH_DATA_DIR;
+  return std::filesystem::read_symlink("/proc/self/exe").parent_path() / CTFORMER_BENCH_DATA_RELATIVE;
 }
 
 const std::string& shakespeare() {

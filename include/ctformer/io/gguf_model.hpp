@@ -340,6 +340,8 @@ void save_gguf(const std::filesystem::path& path, const nn::model<Cfg, cpu::par_
   w.set("tokenizer.ggml.tokens", gguf_value::array(gguf_value_type::string, tokens));
   w.set("tokenizer.ggml.token_type", gguf_value::array(gguf_value_type::int32, types));
   w.set("tokenizer.ggml.merges", gguf_value::array(gguf_value_type::string, merges));
+  // ctformer's models take no begin-of-sequence token; llama.cpp would add one.
+  w.set("tokenizer.ggml.add_bos_token", gguf_value::boolean(false));
   if (!specials.empty()) {
     w.set("tokenizer.ggml.bos_token_id", gguf_value::u32(std::uint32_t(specials.front())));
     w.set("tokenizer.ggml.eos_token_id", gguf_value::u32(std::uint32_t(specials.front())));

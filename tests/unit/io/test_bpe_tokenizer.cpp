@@ -18,6 +18,7 @@
 
 #include "ctformer/io/bpe_tokenizer.hpp"
 #include "ctformer/io/tokenizer.hpp"
+#include "../../support/test_data.hpp"
 
 using ctformer::io::bpe_tokenizer;
 namespace fs = std::filesystem;

@@ -16,6 +16,7 @@
 
 #include "ctformer/io/gguf.hpp"
 #include "ctformer/quant/formats.hpp"
+#include "../../support/test_data.hpp"
 
 using namespace ctformer;
 

@@ -19,6 +19,7 @@
 #include "ctformer/io/hugging_face.hpp"
 #include "ctformer/io/tokenizer.hpp"
 #include "../infer/inference_test_models.hpp"
+#include "../../support/test_data.hpp"
 
 using namespace ctformer;
 using testing::infer_gpt;

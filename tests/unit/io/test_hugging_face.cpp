@@ -18,6 +18,7 @@
 
 #include "ctformer/io/hugging_face.hpp"
 #include "ctformer/nn/nn.hpp"
+#include "../../support/test_data.hpp"
 
 using namespace ctformer;
 namespace fs = std::filesystem;

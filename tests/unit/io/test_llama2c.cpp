@@ -18,6 +18,7 @@
 #include "ctformer/io/llama2c.hpp"
 #include "ctformer/io/tokenizer.hpp"
 #include "ctformer/nn/nn.hpp"
+#include "../../support/test_data.hpp"
 
 using namespace ctformer;
 namespace fs = std::filesystem;

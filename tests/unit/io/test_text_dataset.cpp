@@ -13,6 +13,7 @@
 
 #include "ctformer/io/text_dataset.hpp"
 #include "ctformer/io/tokenizer.hpp"
+#include "../../support/test_data.hpp"
 
 using namespace ctformer;
 namespace fs = std::filesystem;

@@ -10,6 +10,7 @@
 #include "ctformer/io/safetensors.hpp"
 #include "ctformer/nn/nn.hpp"
 #include "ctformer/train/optimizer.hpp"
+#include "../../support/test_data.hpp"
 
 using namespace ctformer;
 

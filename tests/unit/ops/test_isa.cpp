@@ -11,6 +11,7 @@
 
 #include "ctformer/ctformer.hpp"
 #include "ctformer/kernels/cpu/isa.hpp"
+#include "../../support/test_data.hpp"
 
 namespace isa = ctformer::cpu::isa;
 namespace cpu = ctformer::cpu;

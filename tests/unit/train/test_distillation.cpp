@@ -13,6 +13,7 @@
 
 #include "ctformer/nn/nn.hpp"
 #include "ctformer/train/trainer.hpp"
+#include "../../support/test_data.hpp"
 
 using namespace ctformer;
 
