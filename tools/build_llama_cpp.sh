@@ -1,6 +1,6 @@
 #!/bin/sh
-# Builds llama.cpp's llama-bench, llama-batched-bench and llama-quantize (CPU, -march=native) into
-# DIR/build/bin, for tools/compare_llama_cpp.py. The source is the copy of
+# Builds llama.cpp's llama-bench, llama-batched-bench, llama-quantize and llama-simple (CPU,
+# -march=native) into DIR/build/bin, for tools/compare_llama_cpp.py and tools/check_gguf_llama_cpp.sh. The source is the copy of
 # llama.cpp vendored in the llama-cpp-python source package on PyPI (the one
 # registry this project's machines reach); the version is pinned so that a
 # figure in docs/ names the llama.cpp it came from.
@@ -23,6 +23,6 @@ if [ ! -f "$dir/CMakeLists.txt" ]; then
 fi
 
 cmake -S "$dir" -B "$dir/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
-cmake --build "$dir/build" -j "$(nproc)" --target llama-bench llama-batched-bench llama-quantize
-echo "built: $dir/build/bin/llama-bench $dir/build/bin/llama-batched-bench $dir/build/bin/llama-quantize"
+  -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF
+cmake --build "$dir/build" -j "$(nproc)" --target llama-bench llama-batched-bench llama-quantize llama-simple
+echo "built: $(cd "$dir/build/bin" && echo "$PWD"/llama-bench "$PWD"/llama-batched-bench "$PWD"/llama-quantize "$PWD"/llama-simple)"

@@ -420,10 +420,6 @@ class gguf_weight_source {
           for (auto e : expected) want += (want.empty() ? "" : ", ") + std::to_string(e);
           detail::fail_tensor(path, piece.name, "shape is {" + got + "}, the configuration needs {" + want + "}");
         }
-        if (p.kind != nn::parameter_kind::matrix && info.type != gguf_type::f32 && info.type != gguf_type::f16 &&
-            info.type != gguf_type::bf16)
-          detail::fail_tensor(path, piece.name, "a " + std::string(gguf_type_name(info.type)) +
-                                                    " embedding, norm or bias (ctformer reads those as F32, F16 or BF16)");
       }
     }
     // A configuration without biases reads a file whose biases are all zero (as ctformer writes them for llama.cpp).
