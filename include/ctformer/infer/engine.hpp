@@ -415,9 +415,7 @@ class engine {
         fail_everything("an unknown exception in the engine's step");
       }
       metrics_.set_running(running_requests_);
-      metrics_.set_kv_cache_usage(cache_.block_count() > 0 ? 1.0 - double(cache_.free_block_count()) /
-                                                                     double(cache_.block_count())
-                                                           : 0.0);
+      publish_kv_cache_usage();
     }
   }
 
@@ -811,19 +809,27 @@ class engine {
       metrics_.observe_time_per_output_token(std::chrono::duration<double>(r.last_token - r.first_token).count() /
                                              double(r.generated - 1));
     std::vector<std::int32_t> tokens(r.tokens.begin() + std::ptrdiff_t(r.prompt_length), r.tokens.end());
+    // The blocks go back first, so that whoever sees the sample end (its
+    // caller, or /metrics) sees them free.
+    if (r.sequence >= 0) cache_.close_sequence(r.sequence);
+    r.sequence = -1;
+    publish_kv_cache_usage();
     end_sample(*r.owner, r.index, reason, message, std::move(tokens), std::move(r.text), tail, r.generated);
     // Samples not yet forked end with their leader.
     for (int i = r.owner->req.n - r.forks_pending; i < r.owner->req.n && r.forks_pending > 0; ++i)
       end_sample(*r.owner, i, reason, message, {}, {}, {});
     r.forks_pending = 0;
-    if (r.sequence >= 0) cache_.close_sequence(r.sequence);
-    r.sequence = -1;
     r.draw.reset();
+  }
+
+  void publish_kv_cache_usage() {
+    metrics_.set_kv_cache_usage(cache_.block_count() > 0
+                                    ? 1.0 - double(cache_.free_block_count()) / double(cache_.block_count())
+                                    : 0.0);
   }
 
   void end_sample(detail::request_state& state, int index, finish_reason reason, const std::string& message,
                   std::vector<std::int32_t> tokens, std::string text, std::string tail = {}, index_t generated = 0) {
-    metrics_.request_finished(reason);
     bool last = false;
     {
       std::lock_guard lock(state.mutex);
@@ -850,6 +856,9 @@ class engine {
         metrics_.observe_end_to_end(state.result.total_seconds);
         if (state.started) metrics_.set_running(--running_requests_);
       }
+      // Counted after the running gauge moves, so a reader that sees it
+      // finished sees it no longer running; and before its caller sees the end.
+      metrics_.request_finished(reason);
       state.events.push_back(std::move(event));
       --state.open_samples;
       state.finished = last;
