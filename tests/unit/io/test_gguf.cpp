@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ctformer/io/gguf.hpp"
+#include "ctformer/io/gguf_model.hpp"
 #include "ctformer/quant/formats.hpp"
 #include "../../support/test_data.hpp"
 
@@ -34,32 +35,16 @@ std::vector<std::byte> file_bytes(const std::filesystem::path& p) {
   return b;
 }
 
-// Decodes a tensor's stored values to floats with ctformer's own formats.
+// Decodes a tensor's stored values to floats with ctformer's own formats
+// (the row decoder the model loader uses).
 std::vector<float> decode(const io::gguf_file& f, const std::string& name) {
   const io::gguf_tensor_info& t = f.info(name);
   const auto bytes = f.bytes(name);
   const index_t cols = index_t(t.shape[0]), rows = index_t(t.element_count()) / cols;
+  const std::size_t row_bytes = std::size_t(io::detail::gguf_row_bytes(t.type, cols));
   std::vector<float> out(std::size_t(rows * cols));
-  for (index_t r = 0; r < rows; ++r) {
-    float* x = out.data() + r * cols;
-    switch (t.type) {
-      case io::gguf_type::f32: std::memcpy(x, bytes.data() + r * cols * 4, std::size_t(cols) * 4); break;
-      case io::gguf_type::f16:
-        for (index_t c = 0; c < cols; ++c) {
-          fp16 h;
-          std::memcpy(&h, bytes.data() + (r * cols + c) * 2, 2);
-          x[c] = float(h);
-        }
-        break;
-      case io::gguf_type::bf16: quant::bf16_weights::dequantize_row(bytes.data() + r * cols * 2, x, cols); break;
-      case io::gguf_type::q8_0:
-        quant::q8_0::dequantize_row(bytes.data() + std::size_t(r) * quant::q8_0::row_bytes(cols), x, cols);
-        break;
-      case io::gguf_type::q4_0:
-        quant::q4_0::dequantize_row(bytes.data() + std::size_t(r) * quant::q4_0::row_bytes(cols), x, cols);
-        break;
-    }
-  }
+  for (index_t r = 0; r < rows; ++r)
+    io::detail::gguf_decode_row(bytes.data() + std::size_t(r) * row_bytes, t.type, out.data() + r * cols, cols);
   return out;
 }
 

@@ -20,10 +20,12 @@
 #include "ctformer/io/tokenizer.hpp"
 #include "../infer/inference_test_models.hpp"
 #include "../../support/test_data.hpp"
+#include "hugging_face_test_configs.hpp"
 
 using namespace ctformer;
 using testing::infer_gpt;
 using testing::infer_llama;
+using testing::hf_llama_tiny;
 
 namespace {
 
@@ -51,15 +53,6 @@ struct wider_llama : infer_llama {
 };
 struct narrow_llama : infer_llama {
   static constexpr int d_ff = 80;
-};
-
-/// tests/data/hf/llama_tiny's shape (a LlamaForCausalLM saved by transformers).
-struct hf_llama_tiny {
-  static constexpr int vocab = 96, d_model = 32, n_layer = 2, n_head = 4, n_kv_head = 2, d_ff = 64, max_seq = 32;
-  static constexpr bool tie_embeddings = false;
-  using norm = nn::rms_norm;
-  using activation = nn::swiglu;
-  using position = nn::rope;
 };
 
 template <class Cfg>

@@ -19,21 +19,15 @@
 #include "ctformer/io/hugging_face.hpp"
 #include "ctformer/nn/nn.hpp"
 #include "../../support/test_data.hpp"
+#include "hugging_face_test_configs.hpp"
 
 using namespace ctformer;
 namespace fs = std::filesystem;
 
 namespace {
 
-// Must equal the shapes in tools/make_hf_reference.py.
-struct hf_gpt2_tiny {
-  static constexpr int vocab = 96, d_model = 32, n_layer = 2, n_head = 4, n_kv_head = 4, d_ff = 128, max_seq = 32;
-  static constexpr bool bias = true;
-  using norm = nn::layer_norm;
-  using activation = nn::gelu;
-  using position = nn::learned_position;
-  static constexpr const char* folder = "gpt2_tiny";
-};
+using testing::hf_gpt2_tiny;
+using testing::hf_llama_tiny;
 // The same model compiled for a shorter context: the first rows of the
 // file's position table.
 struct hf_gpt2_tiny_short : hf_gpt2_tiny {
@@ -42,15 +36,6 @@ struct hf_gpt2_tiny_short : hf_gpt2_tiny {
 struct hf_gpt2_tiny_bf16 : hf_gpt2_tiny {
   static constexpr const char* folder = "gpt2_tiny_bf16";
 };
-struct hf_llama_tiny {
-  static constexpr int vocab = 96, d_model = 32, n_layer = 2, n_head = 4, n_kv_head = 2, d_ff = 64, max_seq = 32;
-  static constexpr bool tie_embeddings = false;
-  using norm = nn::rms_norm;
-  using activation = nn::swiglu;
-  using position = nn::rope;
-  static constexpr const char* folder = "llama_tiny";
-};
-
 // Another LLaMA: a folder of hf_llama_tiny does not fit it.
 struct other_llama : hf_llama_tiny {
   static constexpr int d_ff = 48, n_kv_head = 4;
